@@ -1,0 +1,94 @@
+"""What every from-scratch model shares: weight init, KV caches, gradient checkpointing, tying."""
+
+from dataclasses import asdict, fields
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from finetune.nn import Attention, KVCache
+
+
+class HFConfigMixin:
+    """Config dataclasses use Hugging Face's field names, so conversion is mostly picking fields."""
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """Builds the config from the keys that are fields; other keys are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_hf(cls, d: dict):
+        """From a Hugging Face ``config.json`` dict; families with renamed or derived fields override this."""
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_hf(self) -> dict:
+        """The fields of the Hugging Face config this one maps to."""
+        return self.to_dict()
+
+
+class Backbone(nn.Module):
+    """Base class of the from-scratch models.
+
+    Subclasses set ``self.layers`` (an ``nn.ModuleList`` of blocks) and call ``self.init_weights()`` last.
+    """
+
+    config: HFConfigMixin
+    is_encoder_decoder = False
+    init_std = 0.02
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gradient_checkpointing = False
+
+    # ------------------------------------------------------------------------------------------ init
+    def init_weights(self, module: nn.Module | None = None) -> None:
+        """GPT/BERT-style init: N(0, init_std) matrices and embeddings, zero biases, unit norms."""
+        for m in (module or self).modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=self.init_std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+            if hasattr(m, "weight") and not isinstance(m, (nn.Linear, nn.Embedding)) and m.weight is not None:
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        self.tie_weights()
+
+    def reset_buffers(self) -> None:
+        """Recomputes derived buffers (rotary frequencies, ...) after ``to_empty``; see ``from_hf``."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_buffers"):
+                m.reset_buffers()
+
+    def tie_weights(self) -> None:
+        """Shares the output projection with the input embedding where the config says so."""
+
+    # --------------------------------------------------------------------------------------- running
+    def run_layer(self, layer: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Runs one block, through activation checkpointing when it is on and we are training."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, x, use_reentrant=False, **kwargs)
+        return layer(x, **kwargs)
+
+    def make_cache(self, batch_size: int, max_len: int, *, layers=None, attr: str = "attn") -> list[KVCache]:
+        """One preallocated KV cache per layer (``self.layers`` by default), in the weights' dtype and device."""
+        p = next(self.parameters())
+        caches = []
+        for layer in self.layers if layers is None else layers:
+            attn: Attention = getattr(layer, attr)
+            caches.append(
+                KVCache(
+                    batch_size=batch_size,
+                    max_len=max_len,
+                    n_kv_heads=attn.n_kv_heads,
+                    head_dim=attn.head_dim,
+                    dtype=p.dtype,
+                    device=p.device,
+                )
+            )
+        return caches

@@ -1,0 +1,291 @@
+"""``from_hf`` and ``to_hf``: Hugging Face checkpoint folders <-> our from-scratch models."""
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from finetune.models import bert, gpt2, llama, t5
+from finetune.models.base import Backbone
+from finetune.models.family import Family
+
+log = logging.getLogger(__name__)
+
+FAMILIES: tuple[Family, ...] = (gpt2.FAMILY, llama.FAMILY, bert.FAMILY, t5.FAMILY)
+_BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
+SUPPORTED_MODEL_TYPES = tuple(sorted(_BY_TYPE))
+_REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+def family_of(model_type: str, *, source: str = "") -> Family:
+    try:
+        return _BY_TYPE[model_type]
+    except KeyError:
+        where = f"{source}: " if source else ""
+        raise ValueError(
+            f"{where}model_type {model_type!r} is not supported; supported: {list(SUPPORTED_MODEL_TYPES)}"
+        ) from None
+
+
+def _family_of_model(model: Backbone) -> Family:
+    for f in FAMILIES:
+        if type(model) is f.model_cls:
+            return f
+    raise TypeError(f"{type(model).__name__} is not a from-scratch model of {[f.model_cls.__name__ for f in FAMILIES]}")
+
+
+# ------------------------------------------------------------------------------------------ reading
+def resolve(path_or_name: str | os.PathLike) -> Path:
+    """A local folder, or a hub repo id downloaded (config, weights) into the local cache."""
+    path = Path(path_or_name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{path}: expected a model folder (config.json + *.safetensors), found a file")
+        return path
+    if not _REPO_ID.match(str(path_or_name)):
+        raise FileNotFoundError(f"{path}: no such model folder (and not a hub repo id)")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path_or_name), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+
+
+def read_config(folder: Path) -> dict:
+    file = folder / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json; expected a Hugging Face model folder")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if "model_type" not in config:
+        raise ValueError(f"{file}: no 'model_type' key; supported model types: {list(SUPPORTED_MODEL_TYPES)}")
+    return config
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint's weight files: one safetensors file, the shards its index names, or a .bin fallback."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index}: names shards that are missing: {missing}")
+        return [folder / n for n in names]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return [folder / name]
+    raise FileNotFoundError(f"{folder}: no weights (model.safetensors, its index, or pytorch_model.bin)")
+
+
+def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors by HF name, and the file each came from (for error messages)."""
+    state, source = {}, {}
+    for file in weight_files(folder):
+        if file.suffix == ".bin":
+            tensors = torch.load(file, map_location="cpu", weights_only=True)  # never unpickle code
+        else:
+            try:
+                with safe_open(file, framework="pt") as f:
+                    tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            except Exception as e:
+                raise ValueError(f"{file}: cannot read safetensors ({e})") from None
+        state.update(tensors)
+        source.update(dict.fromkeys(tensors, file.name))
+    return state, source
+
+
+def _normalize_keys(family: Family, state: dict, source: dict) -> tuple[dict, dict]:
+    # Old checkpoints name LayerNorm parameters gamma/beta; base-model checkpoints lack the head prefix.
+    rename = {k: re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k)) for k in state}
+    if family.hf_prefix and not any(k.startswith(family.hf_prefix) for k in rename.values()):
+        rename = {k: v if family.key_map.from_hf(v) else family.hf_prefix + v for k, v in rename.items()}
+    return {rename[k]: v for k, v in state.items()}, {rename[k]: v for k, v in source.items()}
+
+
+# ------------------------------------------------------------------------------------------ loading
+def from_hf(path_or_name: str | os.PathLike, *, dtype: torch.dtype = torch.float32, **overrides) -> Backbone:
+    """Reads a Hugging Face checkpoint folder (or hub repo id) into our model with the same weights.
+
+    ``overrides`` replace config fields, e.g. ``head="classification", id2label={0: "neg", 1: "pos"}`` to put a
+    new (freshly initialized) classification head on a BERT checkpoint. Weights are loaded without a random
+    init pass: the model is built on the meta device and filled from the files.
+    """
+    folder = resolve(path_or_name)
+    hf_config = read_config(folder)
+    family = family_of(hf_config["model_type"], source=str(folder / "config.json"))
+    known = {f.name for f in dataclasses.fields(family.config_cls)}
+    if unknown := sorted(set(overrides) - known):
+        raise TypeError(f"unknown config fields {unknown} for {family.config_cls.__name__}; known: {sorted(known)}")
+    config = family.config_cls.from_hf({**hf_config, **overrides})  # derived fields follow the overrides
+    state, source = _normalize_keys(family, *read_weights(folder))
+    _untie_if_distinct(family, config, state)
+
+    with torch.device("meta"):
+        model = family.model_cls(config)
+    model.to(dtype).to_empty(device="cpu")  # storage without a random-init pass; `to_empty` unties shared weights
+    model.reset_buffers()
+    model.tie_weights()
+    fresh = load_hf_state(model, family, state, source)
+    for name in fresh:  # heads the checkpoint does not have
+        model.init_weights(model.get_submodule(name))
+    model.tie_weights()
+    return model.eval()
+
+
+def _untie_if_distinct(family: Family, config, state: dict) -> None:
+    # A config may say "tied" while the checkpoint holds a distinct output matrix (T5 v1.1 under transformers 5):
+    # the weights win, as in transformers.
+    if not family.tied or not getattr(config, "tie_word_embeddings", False):
+        return
+    out_key, emb_key = (family.key_map.to_hf(k) for k in family.tied)
+    if out_key in state and emb_key in state and not torch.equal(state[out_key], state[emb_key]):
+        config.tie_word_embeddings = False
+        config.__post_init__()
+
+
+def load_hf_state(model: Backbone, family: Family, state: dict, source: dict) -> list[str]:
+    """Copies HF-named tensors into ``model``, checking every key and shape. Returns head modules left to init."""
+    expected = model.state_dict()
+    tied_out = family.tied[0] if family.tied and _is_tied(model, family) else None
+    converted, unused_heads = {}, set()
+    for hf_key, tensor in state.items():
+        if family.is_ignored(hf_key):
+            continue
+        ours = family.key_map.from_hf(hf_key)
+        if ours is None or ours not in expected:
+            head = ours and ours.split(".")[0]
+            if head in family.heads:
+                unused_heads.add(head)
+                continue
+            raise ValueError(f"{source[hf_key]}: unexpected key {hf_key!r}: not a parameter of {type(model).__name__}")
+        if family.is_transposed(hf_key):
+            tensor = tensor.t()
+        if tensor.shape != expected[ours].shape:
+            raise ValueError(
+                f"{source[hf_key]}: {hf_key!r} has shape {tuple(tensor.shape)}, but the config expects "
+                f"{tuple(expected[ours].shape)}"
+            )
+        converted[ours] = tensor
+    missing = [k for k in expected if k not in converted and k != tied_out]
+    fresh = sorted({k.split(".")[0] for k in missing if k.split(".")[0] in family.heads})
+    missing = [k for k in missing if k.split(".")[0] not in fresh]
+    if missing:
+        files = sorted(set(source.values()))
+        hf_missing = [family.key_map.to_hf(k) for k in missing]
+        raise ValueError(f"{', '.join(files)}: missing keys {hf_missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    if fresh:
+        log.warning("newly initialized (not in the checkpoint): %s; train them before use", fresh)
+    if unused_heads:
+        log.warning("checkpoint weights not used (head not built): %s", sorted(unused_heads))
+    model.load_state_dict(converted, strict=False)
+    return fresh
+
+
+def _is_tied(model: Backbone, family: Family) -> bool:
+    out, emb = (model.get_parameter(k) for k in family.tied) if _has(model, family.tied[0]) else (None, None)
+    return out is not None and out is emb
+
+
+def _has(model, name: str) -> bool:
+    try:
+        model.get_parameter(name)
+        return True
+    except AttributeError:
+        return False
+
+
+# ------------------------------------------------------------------------------------------ writing
+def hf_state_dict(model: Backbone, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Our weights under Hugging Face names and layouts; a tied output matrix is written once, as HF does."""
+    family = _family_of_model(model)
+    skip = {family.tied[0]} if family.tied and _is_tied(model, family) else set()
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name in skip:
+            continue
+        hf_key = family.key_map.to_hf(name)
+        if hf_key is None:
+            raise KeyError(f"{name!r} has no Hugging Face name in the {family.model_types[0]} key map")
+        tensor = tensor.detach()
+        if family.is_transposed(hf_key):
+            tensor = tensor.t()
+        out[hf_key] = tensor.to(dtype or tensor.dtype).contiguous()
+    return out
+
+
+def hf_config(model: Backbone):
+    """The ``transformers`` config object of our model (``AutoConfig`` of the right ``model_type``)."""
+    from transformers import AutoConfig
+
+    c = model.config
+    fields = {k: v for k, v in c.to_hf().items() if k != "model_type"}
+    config = AutoConfig.for_model(c.model_type, **fields)
+    config.architectures = [c.architecture]
+    return config
+
+
+def to_hf(
+    model: Backbone,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int = 5 * 2**30,
+    overwrite: bool = False,
+) -> Path:
+    """Writes a complete Hugging Face folder (config.json, safetensors, generation_config.json for generators).
+
+    Weights past ``max_shard_size`` bytes are split into shards with an index, as ``save_pretrained`` does.
+    The folder is written beside the target and renamed at the end, so a failure leaves nothing partial.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out}: exists and is not empty (pass overwrite=True to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        config = hf_config(model)
+        if dtype is not None:
+            config.dtype = str(dtype).removeprefix("torch.")
+        config.save_pretrained(tmp)
+        if model.is_encoder_decoder or hasattr(model, "lm_head"):
+            from transformers import GenerationConfig
+
+            GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        _save_sharded(hf_state_dict(model, dtype=dtype), tmp, max_shard_size)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _save_sharded(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int) -> None:
+    shards, size = [{}], 0
+    for k, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -1,0 +1,192 @@
+"""Multi-head attention over ``F.scaled_dot_product_attention``: MHA, GQA and MQA; self- and cross-attention;
+a preallocated KV cache for incremental decoding; and the mask builder the models share."""
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finetune.nn.positions import apply_rotary
+
+
+class KVCache:
+    """Preallocated key/value buffers (B, H_kv, T_max, D) for one attention layer.
+
+    Decoding writes each step's keys and values in place instead of concatenating, so memory is
+    allocated once. A cross-attention cache is filled once from the encoder output and then reused.
+    """
+
+    def __init__(self, *, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device) -> None:
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.size = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.size(2)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends (B, H_kv, T, D) and returns all keys and values so far, (B, H_kv, size, D)."""
+        end = self.size + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {self.size} + {k.size(2)} tokens exceed its max_len {self.max_len}")
+        self.k[:, :, self.size : end] = k
+        self.v[:, :, self.size : end] = v
+        self.size = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[:, :, : self.size], self.v[:, :, : self.size]
+
+    def reset(self) -> None:
+        self.size = 0
+
+
+class AttentionNames(NamedTuple):
+    """Projection module names, as the checkpoint calls them. ``qkv`` set means one fused projection."""
+
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str = "o_proj"
+    qkv: str | None = None
+
+
+LLAMA_NAMES = AttentionNames()
+
+
+class Attention(nn.Module):
+    """Multi-head attention with ``n_kv_heads`` key/value heads: MHA (= n_heads), GQA (divides it) or MQA (1).
+
+    Args:
+        dim: model width C.
+        n_heads, n_kv_heads, head_dim: query heads, key/value heads (default n_heads), width per head.
+        qkv_bias, o_bias: biases on the input and output projections.
+        scale: score scale; ``None`` means 1/sqrt(head_dim) (T5 uses 1.0).
+        kv_dim: width of the cross-attention context, when it differs from ``dim``.
+        dropout: dropout on attention probabilities, in training only.
+        names: the projection names of the checkpoint family, so adapters target the same strings.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        scale: float | None = None,
+        kv_dim: int | None = None,
+        dropout: float = 0.0,
+        names: AttentionNames = LLAMA_NAMES,
+    ) -> None:
+        super().__init__()
+        n_kv_heads = n_kv_heads or n_heads
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        if head_dim is None:
+            if dim % n_heads:
+                raise ValueError(f"dim ({dim}) must be divisible by n_heads ({n_heads}) when head_dim is not given")
+            head_dim = dim // n_heads
+        self.n_heads, self.n_kv_heads, self.head_dim, self.scale = n_heads, n_kv_heads, head_dim, scale
+        self.dropout = dropout
+        self.names = names
+        q_out, kv_out = n_heads * head_dim, n_kv_heads * head_dim
+        if names.qkv:
+            self.add_module(names.qkv, nn.Linear(dim, q_out + 2 * kv_out, bias=qkv_bias))
+        else:
+            self.add_module(names.q, nn.Linear(dim, q_out, bias=qkv_bias))
+            self.add_module(names.k, nn.Linear(kv_dim or dim, kv_out, bias=qkv_bias))
+            self.add_module(names.v, nn.Linear(kv_dim or dim, kv_out, bias=qkv_bias))
+        self.add_module(names.o, nn.Linear(q_out, dim, bias=o_bias))
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:  # (B, T, n*D) -> (B, n, T, D)
+        return x.unflatten(-1, (n, self.head_dim)).transpose(1, 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """x: (B, T, C). context: (B, S, C') for cross-attention. mask: bool (True = attend) or additive float,
+        broadcastable to (B, H, T, S). rope: (cos, sin), each (B, T, D). Returns (B, T, C)."""
+        n = self.names
+        if n.qkv:
+            q, k, v = getattr(self, n.qkv)(x).split(
+                [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
+            )
+            q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
+        else:
+            q = self._heads(getattr(self, n.q)(x), self.n_heads)  # (B, H, T, D)
+            if context is not None and cache is not None and cache.size:
+                k, v = cache.get()  # cross-attention: the encoder's keys and values never change
+                cache = None
+            else:
+                src = x if context is None else context
+                k = self._heads(getattr(self, n.k)(src), self.n_kv_heads)  # (B, H_kv, S, D)
+                v = self._heads(getattr(self, n.v)(src), self.n_kv_heads)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal and mask is None,
+            scale=self.scale,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, H, T, D)
+        return getattr(self, n.o)(y.transpose(1, 2).flatten(2))  # (B, T, C)
+
+
+def build_mask(
+    *,
+    q_len: int,
+    k_len: int,
+    padding_mask: torch.Tensor | None = None,
+    causal: bool,
+    sliding_window: int | None = None,
+    materialize: bool = False,
+    device=None,
+) -> tuple[torch.Tensor | None, bool]:
+    """Returns ``(mask, is_causal)`` for :class:`Attention`.
+
+    Queries are the last ``q_len`` of ``k_len`` positions (earlier ones are in the KV cache).
+    ``padding_mask`` is (B, k_len), 1/True for real tokens. The mask is bool (B|1, 1, q_len, k_len), True = attend;
+    ``None`` with ``is_causal=True`` when plain causal attention suffices, which lets SDPA pick its fastest kernel,
+    unless ``materialize`` asks for the mask itself (to add a position bias to).
+    """
+    no_padding = padding_mask is None
+    if no_padding and sliding_window is None and not causal:
+        return None, False
+    if no_padding and not materialize:
+        if sliding_window is None and q_len == k_len:
+            return None, causal and q_len > 1
+        if q_len == 1 and (sliding_window is None or k_len <= sliding_window):
+            return None, False  # one new token attends to everything cached
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]  # (Tq, 1)
+    k_pos = torch.arange(k_len, device=device)[None, :]  # (1, Tk)
+    mask = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    if causal:
+        mask &= k_pos <= q_pos
+    if sliding_window is not None:
+        mask &= q_pos - k_pos < sliding_window
+    mask = mask[None, None]  # (1, 1, Tq, Tk)
+    if padding_mask is not None:
+        mask = mask & padding_mask.bool()[:, None, None, :]  # (B, 1, Tq, Tk)
+        # A padding query (left padding) may see no key at all; let it see everything rather than produce NaN.
+        # Its output is never used.
+        mask = mask | ~mask.any(-1, keepdim=True)
+    return mask, False

@@ -1,0 +1,30 @@
+"""Normalization layers."""
+
+import torch
+from torch import nn
+
+# LayerNorm is torch's own (BERT, GPT-2); re-exported so models import every block from one place.
+LayerNorm = nn.LayerNorm
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (LLaMA, T5): ``weight * x / sqrt(mean(x^2) + eps)``, no mean, no bias.
+
+    The statistic is computed in fp32 and cast back before the weight, as Hugging Face does, so that
+    bf16 runs match theirs bit for bit.
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-6) -> None:
+        super().__init__()
+        if dim <= 0:
+            raise ValueError(f"RMSNorm dim must be positive, got {dim}")
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., C) -> (..., C)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.numel()}, eps={self.eps}"

@@ -1,0 +1,209 @@
+"""Tiny random Hugging Face models saved with ``save_pretrained`` into temporary folders: the references."""
+
+import pytest
+import torch
+import transformers as T
+
+V = 97  # vocabulary of every tiny model
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+
+# name -> (config, HF model class). Each variant the issue names has its own entry.
+VARIANTS = {
+    "gpt2": (
+        T.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2),
+        T.GPT2LMHeadModel,
+    ),
+    "llama-gqa": (
+        T.LlamaConfig(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        ),
+        T.LlamaForCausalLM,
+    ),
+    "llama-mqa-tied": (
+        T.LlamaConfig(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+            max_position_embeddings=64,
+        ),
+        T.LlamaForCausalLM,
+    ),
+    "llama3-rope": (
+        T.LlamaConfig(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            rope_parameters={"rope_theta": 500000.0, **LLAMA3_ROPE},
+        ),
+        T.LlamaForCausalLM,
+    ),
+    "llama-linear-rope-bias": (
+        T.LlamaConfig(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            attention_bias=True,
+            mlp_bias=True,
+            head_dim=16,
+            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        ),
+        T.LlamaForCausalLM,
+    ),
+    "qwen2": (
+        T.Qwen2Config(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        ),
+        T.Qwen2ForCausalLM,
+    ),
+    "mistral-window": (
+        T.MistralConfig(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=4,
+            max_position_embeddings=64,
+        ),
+        T.MistralForCausalLM,
+    ),
+    "bert-mlm": (
+        T.BertConfig(
+            vocab_size=V,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        ),
+        T.BertForMaskedLM,
+    ),
+    "bert-cls": (
+        T.BertConfig(
+            vocab_size=V,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            num_labels=3,
+        ),
+        T.BertForSequenceClassification,
+    ),
+    "bert-base": (
+        T.BertConfig(
+            vocab_size=V,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        ),
+        T.BertModel,
+    ),
+    "t5-v1_0": (
+        T.T5Config(
+            vocab_size=V,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            feed_forward_proj="relu",
+            decoder_start_token_id=0,
+        ),
+        T.T5ForConditionalGeneration,
+    ),
+    "t5-v1_1": (
+        T.T5Config(
+            vocab_size=V,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=3,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            decoder_start_token_id=0,
+        ),
+        T.T5ForConditionalGeneration,
+    ),
+}
+DECODERS = [k for k in VARIANTS if not k.startswith(("bert", "t5"))]
+
+
+def make_hf(name: str, seed: int = 0):
+    config, cls = VARIANTS[name]
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    if name == "t5-v1_1":  # transformers 5 ties T5's head on init; give v1.1 its own, as real checkpoints have
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.05)
+    with torch.no_grad():  # HF inits some tensors to exact zeros/ones; randomize so every weight is checked
+        for n, p in model.named_parameters():
+            if n.endswith(("bias", "norm.weight", "layernorm.weight", "LayerNorm.weight", "layer_norm.weight")):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_folder(tmp_path_factory):
+    """``hf_folder(name)`` -> (HF model, folder it was saved to); saved once per session."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            model = make_hf(name)
+            folder = tmp_path_factory.mktemp(name)
+            model.save_pretrained(folder)
+            cache[name] = (model, folder)
+        return cache[name]
+
+    return get
+
+
+def padded_batch(B: int = 3, T: int = 9, seed: int = 1, left: bool = True):
+    """Random ids and a mask where row i has i * 2 padding tokens (left or right)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    for i in range(B):
+        if left:
+            mask[i, : 2 * i] = 0
+        else:
+            mask[i, T - 2 * i :] = 0
+    return ids, mask
