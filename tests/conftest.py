@@ -146,7 +146,7 @@ VARIANTS = {
         ),
         T.T5ForConditionalGeneration,
     ),
-    "t5-v1_1": (
+    "t5-deep-decoder": (
         T.T5Config(
             vocab_size=V,
             d_model=32,
@@ -154,6 +154,20 @@ VARIANTS = {
             d_ff=64,
             num_layers=2,
             num_decoder_layers=3,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            decoder_start_token_id=0,
+        ),
+        T.T5ForConditionalGeneration,
+    ),
+    "t5-v1_1": (
+        T.T5Config(
+            vocab_size=V,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
             num_heads=4,
             relative_attention_num_buckets=8,
             relative_attention_max_distance=16,

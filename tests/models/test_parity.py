@@ -66,7 +66,7 @@ def test_bert_pooled_output_matches_base_model(hf_folder):
     torch.testing.assert_close(ours(ids, attention_mask=mask).pooler_output, ref, **TOL)
 
 
-@pytest.mark.parametrize("name", ["t5-v1_0", "t5-v1_1"])
+@pytest.mark.parametrize("name", ["t5-v1_0", "t5-v1_1", "t5-deep-decoder"])
 def test_t5_logits_match(hf_folder, name):
     hf, folder = hf_folder(name)
     ours = from_hf(folder)
@@ -76,8 +76,8 @@ def test_t5_logits_match(hf_folder, name):
     out = ours(src, attention_mask=src_mask, decoder_input_ids=tgt, decoder_attention_mask=tgt_mask)
     real = tgt_mask.bool()
     torch.testing.assert_close(out[real], ref[real], **TOL)
-    assert ours.config.tie_word_embeddings == (name == "t5-v1_0")
-    assert ours.config.scale_decoder_outputs == (name == "t5-v1_0")
+    assert ours.config.tie_word_embeddings == (name != "t5-v1_1")
+    assert ours.config.scale_decoder_outputs == (name != "t5-v1_1")
 
 
 def _grads(model, named):
