@@ -92,3 +92,33 @@ class Backbone(nn.Module):
                 )
             )
         return caches
+
+
+class DecoderLM(Backbone):
+    """A decoder-only language model: ``features`` (B, T) -> (B, T, C), then ``lm_head`` -> (B, T, V).
+
+    Subclasses name their input embedding in ``embedding``; the head shares it when the config ties them.
+    """
+
+    embedding: str
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = getattr(self, self.embedding).weight
+
+    @staticmethod
+    def positions(input_ids: torch.Tensor, position_ids: torch.Tensor | None, cache) -> tuple[torch.Tensor, int]:
+        """Position ids (default: counting on from the cached length) and that cached length."""
+        past = cache[0].size if cache else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + input_ids.size(1), device=input_ids.device)[None]  # (1, T)
+        return position_ids, past
+
+    def features(self, input_ids, *, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, input_ids, *, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
+        """input_ids: (B, T); attention_mask: (B, T_past + T), 1 = token; cache: from ``make_cache``.
+        Returns logits (B, T, vocab_size)."""
+        h = self.features(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
+        return self.lm_head(h)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from finetune.models.base import Backbone, HFConfigMixin
+from finetune.models.base import DecoderLM, HFConfigMixin
 from finetune.models.family import Family
 from finetune.models.keymap import KeyMap
 from finetune.nn import MLP, Attention, AttentionNames, LayerNorm, PreNormBlock, build_mask
@@ -38,7 +38,9 @@ class GPT2Config(HFConfigMixin):
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
 
 
-class GPT2(Backbone):
+class GPT2(DecoderLM):
+    embedding = "wte"
+
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
         c = self.config = config
@@ -74,16 +76,10 @@ class GPT2(Backbone):
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.init_weights()
 
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.wte.weight
-
     def features(self, input_ids, *, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
-        """input_ids: (B, T); attention_mask: (B, T_past + T), 1 = token. Returns hidden states (B, T, C)."""
+        """Hidden states (B, T, C) after the final norm; arguments as in ``forward``."""
         T = input_ids.size(1)
-        past = cache[0].size if cache else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=input_ids.device)[None]  # (1, T)
+        position_ids, past = self.positions(input_ids, position_ids, cache)
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, C)
         mask, is_causal = build_mask(
             q_len=T, k_len=past + T, padding_mask=attention_mask, causal=True, device=input_ids.device
@@ -91,12 +87,6 @@ class GPT2(Backbone):
         for i, layer in enumerate(self.layers):
             x = self.run_layer(layer, x, mask=mask, is_causal=is_causal, cache=cache[i] if cache else None)
         return self.ln_f(x)
-
-    def forward(self, input_ids, *, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
-        """Returns logits (B, T, vocab_size)."""
-        return self.lm_head(
-            self.features(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
-        )
 
 
 FAMILY = Family(

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from finetune.models.base import Backbone, HFConfigMixin
+from finetune.models.base import DecoderLM, HFConfigMixin
 from finetune.models.family import Family
 from finetune.models.keymap import KeyMap
 from finetune.nn import Attention, GatedMLP, PreNormBlock, RMSNorm, RotaryEmbedding, build_mask
@@ -81,7 +81,9 @@ class LlamaConfig(HFConfigMixin):
         return d
 
 
-class Llama(Backbone):
+class Llama(DecoderLM):
+    embedding = "embed_tokens"
+
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         c = self.config = config
@@ -108,16 +110,10 @@ class Llama(Backbone):
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.init_weights()
 
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-
     def features(self, input_ids, *, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
-        """input_ids: (B, T); attention_mask: (B, T_past + T), 1 = token. Returns hidden states (B, T, C)."""
+        """Hidden states (B, T, C) after the final norm; arguments as in ``forward``."""
         T = input_ids.size(1)
-        past = cache[0].size if cache else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=input_ids.device)[None]  # (1, T)
+        position_ids, past = self.positions(input_ids, position_ids, cache)
         x = self.embed_tokens(input_ids)  # (B, T, C)
         rope = self.rope(position_ids, x.dtype)  # cos, sin: (B, T, D)
         mask, is_causal = build_mask(
@@ -131,12 +127,6 @@ class Llama(Backbone):
         for i, layer in enumerate(self.layers):
             x = self.run_layer(layer, x, mask=mask, is_causal=is_causal, rope=rope, cache=cache[i] if cache else None)
         return self.norm(x)
-
-    def forward(self, input_ids, *, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
-        """Returns logits (B, T, vocab_size)."""
-        return self.lm_head(
-            self.features(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
-        )
 
 
 FAMILY = Family(

@@ -62,20 +62,16 @@ class T5(Backbone):
         c = self.config = config
         self.shared = nn.Embedding(c.vocab_size, c.d_model)
         self.drop = nn.Dropout(c.dropout_rate)
-        self.encoder_bias = T5RelativeBias(
+        bias = lambda bidirectional: T5RelativeBias(  # noqa: E731
             n_heads=c.num_heads,
             num_buckets=c.relative_attention_num_buckets,
             max_distance=c.relative_attention_max_distance,
-            bidirectional=True,
+            bidirectional=bidirectional,
         )
+        self.encoder_bias = bias(True)  # only the first layer of each stack has one; all layers share it
         self.encoder = nn.ModuleList(self._block(cross=False) for _ in range(c.num_layers))
         self.encoder_norm = RMSNorm(c.d_model, eps=c.layer_norm_epsilon)
-        self.decoder_bias = T5RelativeBias(
-            n_heads=c.num_heads,
-            num_buckets=c.relative_attention_num_buckets,
-            max_distance=c.relative_attention_max_distance,
-            bidirectional=False,
-        )
+        self.decoder_bias = bias(False)
         self.decoder = nn.ModuleList(self._block(cross=True) for _ in range(c.num_decoder_layers))
         self.decoder_norm = RMSNorm(c.d_model, eps=c.layer_norm_epsilon)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)

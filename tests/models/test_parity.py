@@ -196,3 +196,26 @@ def test_bf16_load_matches_hf_bf16(hf_folder):
     ids, _ = padded_batch()
     ref = T.LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)(ids).logits
     torch.testing.assert_close(ours(ids), ref, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "bert-mlm", "t5-v1_1"])
+def test_gradient_checkpointing_gives_the_same_gradients(hf_folder, name):
+    _, folder = hf_folder(name)
+    ids, mask = padded_batch(left=False)
+
+    def grads(checkpointing: bool):
+        model = from_hf(folder).train()  # dropout on: checkpointing must replay the same masks
+        model.gradient_checkpointing = checkpointing
+        torch.manual_seed(0)
+        if name.startswith("t5"):
+            out = model(ids, attention_mask=mask, decoder_input_ids=ids[:, :4])
+        elif name.startswith("bert"):
+            out = model(ids, attention_mask=mask).logits
+        else:
+            out = model(ids)
+        out.square().mean().backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    plain, ckpt = grads(False), grads(True)
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], atol=1e-6, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
