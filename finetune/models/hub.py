@@ -252,8 +252,7 @@ def to_hf(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         config = hf_config(model)
-        if dtype is not None:
-            config.dtype = str(dtype).removeprefix("torch.")
+        config.dtype = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")  # what the files hold
         config.save_pretrained(tmp)
         if model.is_encoder_decoder or hasattr(model, "lm_head"):
             from transformers import GenerationConfig

@@ -219,3 +219,17 @@ def test_gradient_checkpointing_gives_the_same_gradients(hf_folder, name):
     plain, ckpt = grads(False), grads(True)
     for n in plain:
         torch.testing.assert_close(ckpt[n], plain[n], atol=1e-6, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_to_hf_writes_the_dtype_it_stores(hf_folder, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    _, folder = hf_folder("llama-gqa")
+    out = to_hf(from_hf(folder), tmp_path / "bf16", dtype=torch.bfloat16)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118
+    reloaded = T.AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert reloaded.dtype == torch.bfloat16
