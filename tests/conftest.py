@@ -20,6 +20,20 @@ VARIANTS = {
         T.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2),
         T.GPT2LMHeadModel,
     ),
+    "gpt2-unscaled": (
+        T.GPT2Config(
+            vocab_size=V,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            scale_attn_weights=False,
+            scale_attn_by_inverse_layer_idx=True,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        T.GPT2LMHeadModel,
+    ),
     "llama-gqa": (
         T.LlamaConfig(
             vocab_size=V,
@@ -108,6 +122,18 @@ VARIANTS = {
         ),
         T.BertForMaskedLM,
     ),
+    "bert-mlm-untied": (
+        T.BertConfig(
+            vocab_size=V,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        ),
+        T.BertForMaskedLM,
+    ),
     "bert-cls": (
         T.BertConfig(
             vocab_size=V,
@@ -179,15 +205,22 @@ VARIANTS = {
     ),
 }
 DECODERS = [k for k in VARIANTS if not k.startswith(("bert", "t5"))]
+SEEDS = {"gpt2": 2, "t5-v1_0": 9}  # seeds whose tied tiny models do not repeat one token (generation tests)
 
 
-def make_hf(name: str, seed: int = 0):
+def make_hf(name: str, seed: int | None = None):
     config, cls = VARIANTS[name]
-    torch.manual_seed(seed)
+    torch.manual_seed(SEEDS.get(name, 0) if seed is None else seed)
     model = cls(config).eval()
-    if name == "t5-v1_1":  # transformers 5 ties T5's head on init; give v1.1 its own, as real checkpoints have
-        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.05)
-    with torch.no_grad():  # HF inits some tensors to exact zeros/ones; randomize so every weight is checked
+    if name in ("t5-v1_1", "bert-mlm-untied"):  # transformers 5 ties these on init; untie, as real checkpoints are
+        head = model.lm_head if name.startswith("t5") else model.cls.predictions.decoder
+        head.weight = torch.nn.Parameter(torch.randn_like(head.weight))
+    with torch.no_grad():
+        # HF's std-0.02 init makes tiny models emit one token forever; unit-scale weights make greedy outputs
+        # vary, so generation comparisons test every step. Biases and norms move off 0/1 so every weight counts.
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 2 * p.size(-1) ** -0.5)
         for n, p in model.named_parameters():
             if n.endswith(("bias", "norm.weight", "layernorm.weight", "LayerNorm.weight", "layer_norm.weight")):
                 p.add_(torch.randn_like(p) * 0.1)

@@ -32,6 +32,7 @@ class BertConfig(HFConfigMixin):
     head: str | None = None  # None (encoder + pooler), "mlm" or "classification"
     add_pooler: bool | None = None  # None: yes unless head == "mlm", as in HF
     id2label: dict | None = None  # classification labels; their count is the head's width
+    tie_word_embeddings: bool = True  # the MLM decoder shares the word embeddings
     model_type = "bert"
 
     def __post_init__(self) -> None:
@@ -138,7 +139,7 @@ class Bert(Backbone):
         self.init_weights()
 
     def tie_weights(self) -> None:
-        if self.mlm_head is not None:
+        if self.mlm_head is not None and self.config.tie_word_embeddings:
             self.mlm_head.decoder.weight = self.word_embeddings.weight
 
     def forward(self, input_ids, *, attention_mask=None, token_type_ids=None, position_ids=None) -> BertOutput:
@@ -184,11 +185,12 @@ FAMILY = Family(
             ("pooler.*", "bert.pooler.dense.*"),
             ("mlm_head.dense.*", "cls.predictions.transform.dense.*"),
             ("mlm_head.norm.*", "cls.predictions.transform.LayerNorm.*"),
-            ("mlm_head.decoder.bias", "cls.predictions.bias"),
             ("mlm_head.decoder.*", "cls.predictions.decoder.*"),
             ("classifier.*", "classifier.*"),
         )
     ),
-    # A buffer; a tied copy of predictions.bias; the next-sentence head of BertForPreTraining, unused here.
-    ignored=(r"position_ids$", r"cls\.predictions\.decoder\.bias$", r"^cls\.seq_relationship\."),
+    # HF's MLM head holds its output bias twice, tied: `predictions.bias` is the one older checkpoints carry.
+    aliases={"cls.predictions.bias": "cls.predictions.decoder.bias"},
+    # A buffer; the next-sentence head of BertForPreTraining, unused here.
+    ignored=(r"position_ids$", r"^cls\.seq_relationship\."),
 )

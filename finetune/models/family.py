@@ -21,6 +21,7 @@ class Family:
         hf_prefix: the base-model prefix (``model.``); checkpoints saved from the bare base model lack it.
         transposed: HF keys stored as (in, out), e.g. GPT-2's ``Conv1D`` weights.
         ignored: HF keys that hold no weights here (old causal-mask buffers, rotary caches).
+        aliases: HF key -> the HF key it is a tied copy of: read when that one is absent, and written beside it.
     """
 
     model_types: tuple[str, ...]
@@ -32,6 +33,7 @@ class Family:
     hf_prefix: str = ""
     transposed: tuple[str, ...] = ()
     ignored: tuple[str, ...] = ()
+    aliases: dict[str, str] = field(default_factory=dict)
     _transposed: re.Pattern | None = field(init=False, repr=False, compare=False)
     _ignored: re.Pattern | None = field(init=False, repr=False, compare=False)
 

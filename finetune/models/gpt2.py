@@ -24,6 +24,7 @@ class GPT2Config(HFConfigMixin):
     resid_pdrop: float = 0.1
     embd_pdrop: float = 0.1
     attn_pdrop: float = 0.1
+    scale_attn_weights: bool = True  # False: raw q.k scores
     scale_attn_by_inverse_layer_idx: bool = False
     tie_word_embeddings: bool = True
     bos_token_id: int | None = 50256
@@ -56,7 +57,8 @@ class GPT2(DecoderLM):
                     n_heads=c.n_head,
                     qkv_bias=True,
                     o_bias=True,
-                    scale=head_dim**-0.5 / (i + 1 if c.scale_attn_by_inverse_layer_idx else 1),
+                    scale=(head_dim**-0.5 if c.scale_attn_weights else 1.0)
+                    / (i + 1 if c.scale_attn_by_inverse_layer_idx else 1),
                     dropout=c.attn_pdrop,
                     names=AttentionNames(qkv="c_attn", o="c_proj"),
                 ),

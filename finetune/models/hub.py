@@ -54,7 +54,11 @@ def resolve(path_or_name: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"{path}: no such model folder (and not a hub repo id)")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(path_or_name), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    meta = ["*.json", "*.model", "*.txt"]  # config, tokenizer, generation config, shard index
+    folder = Path(snapshot_download(str(path_or_name), allow_patterns=[*meta, "*.safetensors"]))
+    if not any(folder.glob("*.safetensors")):  # an older repo with only pickled weights
+        folder = Path(snapshot_download(str(path_or_name), allow_patterns=[*meta, "*.bin"]))
+    return folder
 
 
 def read_config(folder: Path) -> dict:
@@ -71,18 +75,18 @@ def read_config(folder: Path) -> dict:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The checkpoint's weight files: one safetensors file, the shards its index names, or a .bin fallback."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index}: names shards that are missing: {missing}")
-        return [folder / n for n in names]
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).is_file():
-            return [folder / name]
-    raise FileNotFoundError(f"{folder}: no weights (model.safetensors, its index, or pytorch_model.bin)")
+    """The checkpoint's weight files: safetensors (one file or the shards its index names), else .bin the same way."""
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        index = folder / f"{single}.index.json"
+        if index.is_file():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [n for n in names if not (folder / n).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index}: names shards that are missing: {missing}")
+            return [folder / n for n in names]
+        if (folder / single).is_file():
+            return [folder / single]
+    raise FileNotFoundError(f"{folder}: no weights (model.safetensors or pytorch_model.bin, single or sharded)")
 
 
 def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -90,7 +94,10 @@ def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     state, source = {}, {}
     for file in weight_files(folder):
         if file.suffix == ".bin":
-            tensors = torch.load(file, map_location="cpu", weights_only=True)  # never unpickle code
+            try:
+                tensors = torch.load(file, map_location="cpu", weights_only=True)  # never unpickle code
+            except Exception as e:
+                raise ValueError(f"{file}: cannot read a PyTorch weights file ({e})") from None
         else:
             try:
                 with safe_open(file, framework="pt") as f:
@@ -107,7 +114,13 @@ def _normalize_keys(family: Family, state: dict, source: dict) -> tuple[dict, di
     rename = {k: re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k)) for k in state}
     if family.hf_prefix and not any(k.startswith(family.hf_prefix) for k in rename.values()):
         rename = {k: v if family.key_map.from_hf(v) else family.hf_prefix + v for k, v in rename.items()}
-    return {rename[k]: v for k, v in state.items()}, {rename[k]: v for k, v in source.items()}
+    names = set(rename.values())
+    for k, v in rename.items():  # an alias stands in for its key only when that key is absent
+        if v in family.aliases:
+            rename[k] = family.aliases[v] if family.aliases[v] not in names else None
+    state = {rename[k]: v for k, v in state.items() if rename[k]}
+    source = {rename[k]: v for k, v in source.items() if rename[k]}
+    return state, source
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -161,8 +174,10 @@ def load_hf_state(model: Backbone, family: Family, state: dict, source: dict) ->
             continue
         ours = family.key_map.from_hf(hf_key)
         if ours is None or ours not in expected:
-            head = ours and ours.split(".")[0]
-            if head in family.heads:
+            # A head we don't build: one of ours (an MLM head on a classifier), or any module outside the
+            # base model (a QA or token-classification head): skipped with a warning, as transformers does.
+            head = ours.split(".")[0] if ours else hf_key.split(".")[0]
+            if head in family.heads or (ours is None and family.hf_prefix and not hf_key.startswith(family.hf_prefix)):
                 unused_heads.add(head)
                 continue
             raise ValueError(f"{source[hf_key]}: unexpected key {hf_key!r}: not a parameter of {type(model).__name__}")
@@ -218,6 +233,9 @@ def hf_state_dict(model: Backbone, *, dtype: torch.dtype | None = None) -> dict[
         if family.is_transposed(hf_key):
             tensor = tensor.t()
         out[hf_key] = tensor.to(dtype or tensor.dtype).contiguous()
+    for alias, key in family.aliases.items():
+        if key in out:
+            out[alias] = out[key].clone()  # safetensors stores no shared tensors
     return out
 
 

@@ -54,10 +54,10 @@ class LlamaConfig(HFConfigMixin):
     @classmethod
     def from_hf(cls, d: dict) -> "LlamaConfig":
         d = dict(d)
-        rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {}  # v5 and v4 spellings
-        d["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        d["rope_scaling"] = None if kind == "default" else {k: v for k, v in rope.items() if k != "rope_theta"}
+        rope = dict(d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {})  # v5 and v4 spellings
+        d["rope_theta"] = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+        kind = rope.pop("rope_type", rope.pop("type", "default"))  # "type" in older configs
+        d["rope_scaling"] = None if kind == "default" else {"rope_type": kind, **rope}
         if d.get("model_type") == "qwen2":
             d.update(attention_bias=True, o_bias=False)  # fixed in Qwen2's code, not in its config
             if d.get("use_sliding_window"):
@@ -67,8 +67,11 @@ class LlamaConfig(HFConfigMixin):
 
     def to_hf(self) -> dict:
         d = self.to_dict()
-        rope = {"rope_type": "default", **(d.pop("rope_scaling") or {}), "rope_theta": d.pop("rope_theta")}
-        d["rope_parameters"] = rope
+        d["rope_parameters"] = {
+            "rope_type": "default",
+            **(d.pop("rope_scaling") or {}),
+            "rope_theta": d.pop("rope_theta"),
+        }
         o_bias = d.pop("o_bias")
         if self.model_type == "qwen2":
             if not (self.attention_bias and not o_bias):

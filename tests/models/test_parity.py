@@ -38,7 +38,7 @@ def test_sliding_window_is_active(hf_folder):
     assert not torch.allclose(ours(ids), hf(ids).logits, atol=1e-3)
 
 
-@pytest.mark.parametrize("name", ["bert-mlm", "bert-cls", "bert-base"])
+@pytest.mark.parametrize("name", ["bert-mlm", "bert-mlm-untied", "bert-cls", "bert-base"])
 def test_bert_outputs_match(hf_folder, name):
     hf, folder = hf_folder(name)
     ours = from_hf(folder)
@@ -48,7 +48,7 @@ def test_bert_outputs_match(hf_folder, name):
     ref = hf(ids, attention_mask=mask, token_type_ids=types)
     out = ours(ids, attention_mask=mask, token_type_ids=types)
     real = mask.bool()
-    if name == "bert-mlm":
+    if name.startswith("bert-mlm"):
         torch.testing.assert_close(out.logits[real], ref.logits[real], **TOL)
     elif name == "bert-cls":
         torch.testing.assert_close(out.logits, ref.logits, **TOL)
@@ -103,7 +103,7 @@ def test_gradients_match(hf_folder, name):
     else:
         hf(ids).logits.square().mean().backward()
         ours(ids).square().mean().backward()
-    hf_grads = dict(hf.named_parameters())
+    hf_grads = dict(hf.named_parameters(remove_duplicate=False))  # tied parameters under each name
     checked = 0
     for n, p in ours.named_parameters():
         ref = hf_grads[family.key_map.to_hf(n)].grad
@@ -147,6 +147,7 @@ def test_round_trip_through_transformers(hf_folder, tmp_path, name):
     elif name.startswith("bert"):
         a, b = reloaded(ids, attention_mask=mask), hf(ids, attention_mask=mask)
         key = "last_hidden_state" if name == "bert-base" else "logits"
+        assert reloaded.config.tie_word_embeddings == (name != "bert-mlm-untied")
         torch.testing.assert_close(a[key], b[key], **TOL)
     else:
         torch.testing.assert_close(reloaded(ids).logits, hf(ids).logits, **TOL)
@@ -189,13 +190,56 @@ def test_bert_new_classification_head_on_mlm_checkpoint(hf_folder, caplog):
     torch.testing.assert_close(out.last_hidden_state, ref, **TOL)
 
 
-def test_bf16_load_matches_hf_bf16(hf_folder):
-    hf, folder = hf_folder("llama-gqa")
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2", "bert-mlm", "t5-v1_1"])
+def test_bf16_matches_hf_bf16(hf_folder, name):
+    hf, folder = hf_folder(name)
     ours = from_hf(folder, dtype=torch.bfloat16)
-    assert next(ours.parameters()).dtype == torch.bfloat16
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    ref_model = type(hf).from_pretrained(folder, dtype=torch.bfloat16)
+    ids, mask = padded_batch(left=False)
+    if name.startswith("t5"):
+        ref = ref_model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :4]).logits
+        out = ours(ids, attention_mask=mask, decoder_input_ids=ids[:, :4])
+    elif name.startswith("bert"):
+        ref, out = ref_model(ids, attention_mask=mask).logits, ours(ids, attention_mask=mask).logits
+    else:
+        ref, out = ref_model(ids).logits, ours(ids)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref)  # bf16 defaults: atol 1e-5, rtol 1.6e-2 (one bf16 ulp)
+
+
+def test_old_style_rope_scaling_config(tmp_path):
+    """Configs written before transformers 5 say rope_scaling={"type": ...}; it must load and export intact."""
+    import json
+
+    from conftest import make_hf
+
+    hf = make_hf("llama-gqa")
+    hf.save_pretrained(tmp_path / "src")
+    config = json.loads((tmp_path / "src/config.json").read_text())
+    config.pop("rope_parameters")
+    config.update(rope_theta=10000.0, rope_scaling={"type": "linear", "factor": 4.0})
+    (tmp_path / "src/config.json").write_text(json.dumps(config))
+    ref = T.AutoModelForCausalLM.from_pretrained(tmp_path / "src")
+    ours = from_hf(tmp_path / "src")
+    assert ours.config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
     ids, _ = padded_batch()
-    ref = T.LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)(ids).logits
-    torch.testing.assert_close(ours(ids), ref, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(ours(ids), ref(ids).logits, **TOL)
+    assert not torch.allclose(ours(ids), hf(ids).logits, atol=1e-3)  # the scaling changes the logits
+    out = to_hf(ours, tmp_path / "out")
+    torch.testing.assert_close(T.AutoModelForCausalLM.from_pretrained(out)(ids).logits, ref(ids).logits, **TOL)
+
+
+def test_checkpoint_with_another_task_head_loads_the_encoder(tmp_path, caplog):
+    torch.manual_seed(0)
+    config, _ = VARIANTS["bert-base"]
+    qa = T.BertForQuestionAnswering(config).eval()
+    qa.save_pretrained(tmp_path)
+    ours = from_hf(tmp_path, head=None)
+    assert "not used" in caplog.text and "qa_outputs" in caplog.text
+    ids, mask = padded_batch(left=False)
+    ref = qa.bert(ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(ours(ids, attention_mask=mask).last_hidden_state, ref, **TOL)
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "bert-mlm", "t5-v1_1"])
