@@ -14,193 +14,54 @@ LLAMA3_ROPE = {
     "original_max_position_embeddings": 16,
 }
 
+# Shared sizes of the tiny configs; each variant below adds only what makes it that variant.
+GPT2 = dict(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)
+LLAMA = dict(
+    vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=64,
+)  # fmt: skip
+BERT = dict(
+    vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+    max_position_embeddings=64,
+)  # fmt: skip
+T5 = dict(
+    vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+    relative_attention_max_distance=16, decoder_start_token_id=0,
+)  # fmt: skip
+
 # name -> (config, HF model class). Each variant the issue names has its own entry.
 VARIANTS = {
-    "gpt2": (
-        T.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2),
-        T.GPT2LMHeadModel,
-    ),
+    "gpt2": (T.GPT2Config(**GPT2), T.GPT2LMHeadModel),
     "gpt2-unscaled": (
-        T.GPT2Config(
-            vocab_size=V,
-            n_embd=32,
-            n_layer=2,
-            n_head=4,
-            n_positions=64,
-            scale_attn_weights=False,
-            scale_attn_by_inverse_layer_idx=True,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
+        T.GPT2Config(**GPT2, scale_attn_weights=False, scale_attn_by_inverse_layer_idx=True),
         T.GPT2LMHeadModel,
     ),
-    "llama-gqa": (
-        T.LlamaConfig(
-            vocab_size=V,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        ),
-        T.LlamaForCausalLM,
-    ),
-    "llama-mqa-tied": (
-        T.LlamaConfig(
-            vocab_size=V,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            tie_word_embeddings=True,
-            max_position_embeddings=64,
-        ),
-        T.LlamaForCausalLM,
-    ),
+    "llama-gqa": (T.LlamaConfig(**LLAMA, num_key_value_heads=2), T.LlamaForCausalLM),
+    "llama-mqa-tied": (T.LlamaConfig(**LLAMA, num_key_value_heads=1, tie_word_embeddings=True), T.LlamaForCausalLM),
     "llama3-rope": (
-        T.LlamaConfig(
-            vocab_size=V,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            rope_parameters={"rope_theta": 500000.0, **LLAMA3_ROPE},
-        ),
+        T.LlamaConfig(**LLAMA, num_key_value_heads=2, rope_parameters={"rope_theta": 500000.0, **LLAMA3_ROPE}),
         T.LlamaForCausalLM,
     ),
     "llama-linear-rope-bias": (
         T.LlamaConfig(
-            vocab_size=V,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            **LLAMA,
             attention_bias=True,
             mlp_bias=True,
             head_dim=16,
             rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
         ),
         T.LlamaForCausalLM,
-    ),
-    "qwen2": (
-        T.Qwen2Config(
-            vocab_size=V,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        ),
-        T.Qwen2ForCausalLM,
-    ),
-    "mistral-window": (
-        T.MistralConfig(
-            vocab_size=V,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            sliding_window=4,
-            max_position_embeddings=64,
-        ),
-        T.MistralForCausalLM,
-    ),
-    "bert-mlm": (
-        T.BertConfig(
-            vocab_size=V,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=64,
-        ),
-        T.BertForMaskedLM,
-    ),
-    "bert-mlm-untied": (
-        T.BertConfig(
-            vocab_size=V,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=64,
-            tie_word_embeddings=False,
-        ),
-        T.BertForMaskedLM,
-    ),
-    "bert-cls": (
-        T.BertConfig(
-            vocab_size=V,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=64,
-            num_labels=3,
-        ),
-        T.BertForSequenceClassification,
-    ),
-    "bert-base": (
-        T.BertConfig(
-            vocab_size=V,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=64,
-        ),
-        T.BertModel,
-    ),
-    "t5-v1_0": (
-        T.T5Config(
-            vocab_size=V,
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=16,
-            feed_forward_proj="relu",
-            decoder_start_token_id=0,
-        ),
-        T.T5ForConditionalGeneration,
-    ),
-    "t5-deep-decoder": (
-        T.T5Config(
-            vocab_size=V,
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_decoder_layers=3,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=16,
-            decoder_start_token_id=0,
-        ),
-        T.T5ForConditionalGeneration,
-    ),
+    ),  # fmt: skip
+    "qwen2": (T.Qwen2Config(**LLAMA, num_key_value_heads=2), T.Qwen2ForCausalLM),
+    "mistral-window": (T.MistralConfig(**LLAMA, num_key_value_heads=2, sliding_window=4), T.MistralForCausalLM),
+    "bert-mlm": (T.BertConfig(**BERT), T.BertForMaskedLM),
+    "bert-mlm-untied": (T.BertConfig(**BERT, tie_word_embeddings=False), T.BertForMaskedLM),
+    "bert-cls": (T.BertConfig(**BERT, num_labels=3), T.BertForSequenceClassification),
+    "bert-base": (T.BertConfig(**BERT), T.BertModel),
+    "t5-v1_0": (T.T5Config(**T5, feed_forward_proj="relu"), T.T5ForConditionalGeneration),
+    "t5-deep-decoder": (T.T5Config(**T5, num_decoder_layers=3), T.T5ForConditionalGeneration),
     "t5-v1_1": (
-        T.T5Config(
-            vocab_size=V,
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=16,
-            feed_forward_proj="gated-gelu",
-            tie_word_embeddings=False,
-            decoder_start_token_id=0,
-        ),
+        T.T5Config(**T5, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
         T.T5ForConditionalGeneration,
     ),
 }
