@@ -115,3 +115,71 @@ def padded_batch(B: int = 3, T: int = 9, seed: int = 1, left: bool = True):
         else:
             mask[i, T - 2 * i :] = 0
     return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------- tokenizers
+TOKENIZER_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "a cat sat on the mat and looked at the moon",
+    "hello world, this is a tiny corpus for a tiny tokenizer",
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction:\n### Input:\n### Response:\n<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n",
+    "one two three four five six seven eight nine ten positive negative neutral",
+]
+
+# name -> (special tokens, post-processor template for one sequence, for a pair, tokenizer_config extras)
+TOKENIZER_STYLES = {
+    # GPT-2 style: no special tokens added; eos doubles as bos
+    "gpt": (["<|endoftext|>", "<pad>"], None, None, dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                                       pad_token="<pad>")),
+    # LLaMA style: <s> prepended
+    "llama": (["<s>", "</s>", "<pad>", "<unk>"], "<s> $A", "<s> $A <s> $B", dict(bos_token="<s>", eos_token="</s>",
+                                                                               pad_token="<pad>", unk_token="<unk>")),
+    # BERT style: [CLS] A [SEP] B [SEP], token types, a mask token
+    "bert": (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "[CLS] $A [SEP]", "[CLS] $A [SEP] $B:1 [SEP]:1",
+             dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                  model_input_names=["input_ids", "token_type_ids", "attention_mask"])),
+    # T5 style: </s> appended
+    "t5": (["<pad>", "</s>", "<unk>"], "$A </s>", "$A </s> $B </s>", dict(pad_token="<pad>", eos_token="</s>",
+                                                                         unk_token="<unk>")),
+}  # fmt: skip
+
+
+def make_tokenizer(folder, style: str = "llama", vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained on ``TOKENIZER_CORPUS`` with ``tokenizers``, saved with
+    ``save_pretrained`` into ``folder`` (so ``AutoTokenizer.from_pretrained(folder)`` loads it). Returns it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials, single, pair, extras = TOKENIZER_STYLES[style]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TOKENIZER_CORPUS, trainer)
+    if single is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=[(t, tok.token_to_id(t)) for t in specials]
+        )
+    fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, **extras)
+    fast.save_pretrained(folder)
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tokenizer_folder(tmp_path_factory):
+    """``tokenizer_folder(style)`` -> folder holding a saved tiny tokenizer of that style (see TOKENIZER_STYLES)."""
+    cache = {}
+
+    def get(style: str = "llama"):
+        if style not in cache:
+            folder = tmp_path_factory.mktemp(f"tok-{style}")
+            make_tokenizer(folder, style)
+            cache[style] = folder
+        return cache[style]
+
+    return get
