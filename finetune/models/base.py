@@ -114,11 +114,18 @@ class DecoderLM(Backbone):
             position_ids = torch.arange(past, past + input_ids.size(1), device=input_ids.device)[None]  # (1, T)
         return position_ids, past
 
-    def features(self, input_ids, *, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
+    def features(
+        self, input_ids, *, attention_mask=None, position_ids=None, segment_ids=None, cache=None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, input_ids, *, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
-        """input_ids: (B, T); attention_mask: (B, T_past + T), 1 = token; cache: from ``make_cache``.
+    def forward(
+        self, input_ids, *, attention_mask=None, position_ids=None, segment_ids=None, cache=None
+    ) -> torch.Tensor:
+        """input_ids: (B, T); attention_mask: (B, T_past + T), 1 = token; segment_ids: (B, T) packed-sample numbers
+        (0 = padding), with ``position_ids`` restarting in each sample; cache: from ``make_cache``.
         Returns logits (B, T, vocab_size)."""
-        h = self.features(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
+        h = self.features(
+            input_ids, attention_mask=attention_mask, position_ids=position_ids, segment_ids=segment_ids, cache=cache
+        )
         return self.lm_head(h)

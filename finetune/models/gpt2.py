@@ -78,13 +78,20 @@ class GPT2(DecoderLM):
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.init_weights()
 
-    def features(self, input_ids, *, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
+    def features(
+        self, input_ids, *, attention_mask=None, position_ids=None, segment_ids=None, cache=None
+    ) -> torch.Tensor:
         """Hidden states (B, T, C) after the final norm; arguments as in ``forward``."""
         T = input_ids.size(1)
         position_ids, past = self.positions(input_ids, position_ids, cache)
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, C)
         mask, is_causal = build_mask(
-            q_len=T, k_len=past + T, padding_mask=attention_mask, causal=True, device=input_ids.device
+            q_len=T,
+            k_len=past + T,
+            padding_mask=attention_mask,
+            segment_ids=segment_ids,
+            causal=True,
+            device=input_ids.device,
         )
         for i, layer in enumerate(self.layers):
             x = self.run_layer(layer, x, mask=mask, is_causal=is_causal, cache=cache[i] if cache else None)

@@ -153,6 +153,17 @@ def from_hf(path_or_name: str | os.PathLike, *, dtype: torch.dtype = torch.float
     return model.eval()
 
 
+def from_config(config: dict) -> Backbone:
+    """A randomly initialized model from a Hugging Face-style config dict (``model_type`` picks the family)."""
+    if "model_type" not in config:
+        raise ValueError(f"a model config needs 'model_type', one of {list(SUPPORTED_MODEL_TYPES)}; got {config}")
+    family = family_of(config["model_type"])
+    known = {f.name for f in dataclasses.fields(family.config_cls)} | {"model_type"}
+    if unknown := sorted(set(config) - known):
+        raise TypeError(f"unknown config fields {unknown} for {family.config_cls.__name__}; known: {sorted(known)}")
+    return family.model_cls(family.config_cls.from_hf(config))
+
+
 def _untie_if_distinct(family: Family, config, state: dict) -> None:
     # A config may say "tied" while the checkpoint holds a distinct output matrix (T5 v1.1 under transformers 5):
     # the weights win, as in transformers.

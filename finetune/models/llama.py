@@ -113,7 +113,9 @@ class Llama(DecoderLM):
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.init_weights()
 
-    def features(self, input_ids, *, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
+    def features(
+        self, input_ids, *, attention_mask=None, position_ids=None, segment_ids=None, cache=None
+    ) -> torch.Tensor:
         """Hidden states (B, T, C) after the final norm; arguments as in ``forward``."""
         T = input_ids.size(1)
         position_ids, past = self.positions(input_ids, position_ids, cache)
@@ -123,6 +125,7 @@ class Llama(DecoderLM):
             q_len=T,
             k_len=past + T,
             padding_mask=attention_mask,
+            segment_ids=segment_ids,
             causal=True,
             sliding_window=self.config.sliding_window,
             device=input_ids.device,

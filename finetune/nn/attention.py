@@ -156,6 +156,7 @@ def build_mask(
     q_len: int,
     k_len: int,
     padding_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
     causal: bool,
     sliding_window: int | None = None,
     materialize: bool = False,
@@ -164,11 +165,12 @@ def build_mask(
     """Returns ``(mask, is_causal)`` for :class:`Attention`.
 
     Queries are the last ``q_len`` of ``k_len`` positions (earlier ones are in the KV cache).
-    ``padding_mask`` is (B, k_len), 1/True for real tokens. The mask is bool (B|1, 1, q_len, k_len), True = attend;
+    ``padding_mask`` is (B, k_len), 1/True for real tokens. ``segment_ids`` (B, k_len) numbers the samples packed
+    into a row (0 = padding): a query attends only to keys of its own segment, so packed samples stay apart. The mask is bool (B|1, 1, q_len, k_len), True = attend;
     ``None`` with ``is_causal=True`` when plain causal attention suffices, which lets SDPA pick its fastest kernel,
     unless ``materialize`` asks for the mask itself (to add a position bias to).
     """
-    no_padding = padding_mask is None
+    no_padding = padding_mask is None and segment_ids is None
     if no_padding and sliding_window is None and not causal:
         return None, False
     if no_padding and not materialize:
@@ -186,6 +188,10 @@ def build_mask(
     mask = mask[None, None]  # (1, 1, Tq, Tk)
     if padding_mask is not None:
         mask = mask & padding_mask.bool()[:, None, None, :]  # (B, 1, Tq, Tk)
+    if segment_ids is not None:
+        same = segment_ids[:, -q_len:, None] == segment_ids[:, None, :]  # (B, Tq, Tk)
+        mask = mask & same[:, None]  # (B, 1, Tq, Tk)
+    if not no_padding:
         # A padding query (left padding) may see no key at all; let it see everything rather than produce NaN.
         # Its output is never used.
         mask = mask | ~mask.any(-1, keepdim=True)

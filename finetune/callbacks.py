@@ -1,0 +1,156 @@
+"""What a run folder holds beyond Lightning's defaults: tokenizer, model config, data stats, curves, throughput,
+and checkpoints that are written atomically and always include the final state."""
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside the target, syncs it to disk, then renames it over the
+    target: a process killed mid-save leaves the previous checkpoint whole."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` every ``every_n_train_steps`` optimizer steps (or each epoch) and when training ends.
+
+    It monitors nothing, so it never saves stale "best" weights; the ``checkpoint`` callback keeps the best.
+    """
+
+    def __init__(self, dirpath: str | None = None, every_n_train_steps: int | None = None) -> None:
+        super().__init__(dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != self._last_global_step_saved and not trainer.fast_dev_run:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class TokensPerSecond(L.Callback):
+    """Logs ``train/tokens_per_s``: real (non-padding) tokens over wall time, summed over processes, every
+    ``log_every_n_steps``. Token counts come from the collator as Python ints, so there is no device sync."""
+
+    def __init__(self) -> None:
+        self._tokens, self._t0 = 0, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+        self._tokens += int(batch.get("num_tokens", batch["input_ids"].numel()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) or trainer.global_step == 0:
+            return
+        elapsed = time.perf_counter() - self._t0
+        rate = self._tokens / max(elapsed, 1e-9) * trainer.world_size  # ranks see equal-size shards
+        pl_module.log("train/tokens_per_s", rate, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+        self._tokens, self._t0 = 0, time.perf_counter()
+
+
+class RunFolder(L.Callback):
+    """Fills the run folder (``trainer.default_root_dir``): on fit start the tokenizer, the model config and the
+    data statistics (and labels); on resume, drops ``metrics.csv`` rows logged after the checkpoint; at the end,
+    PNG curves of every logged metric."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        run = Path(trainer.default_root_dir)
+        if trainer.ckpt_path:
+            self._truncate_metrics(run / "metrics.csv", trainer.global_step)
+        self._save_artifacts(trainer, pl_module, run)
+
+    @rank_zero_only
+    def _save_artifacts(self, trainer: L.Trainer, pl_module: L.LightningModule, run: Path) -> None:
+        run.mkdir(parents=True, exist_ok=True)
+        tokenizer = getattr(pl_module, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(run / "tokenizer")
+        model = getattr(pl_module, "model", None)
+        config = getattr(model, "config", None)
+        if config is not None:
+            d = config.to_dict()
+            d.setdefault("backend", getattr(pl_module.hparams, "backend", None))
+            (run / "model_config.json").write_text(json.dumps(d, indent=2, default=str) + "\n")
+        dm = trainer.datamodule
+        for name in ("stats", "label_names"):
+            value = getattr(dm, name, None)
+            if value:
+                (run / f"data_{name}.json").write_text(json.dumps(value, indent=2, default=str) + "\n")
+
+    @staticmethod
+    @rank_zero_only
+    def _truncate_metrics(path: Path, step: int) -> None:
+        """A killed run may have logged steps past its last checkpoint; the resumed run logs them again."""
+        if not path.exists():
+            return
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows:
+            return
+        keep = [r for r in rows if r.get("step", "") == "" or int(float(r["step"])) < step]
+        fields = list(rows[0])
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(keep)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.save()
+            plot_metrics(Path(trainer.default_root_dir))
+
+
+def plot_metrics(run: Path) -> list[Path]:
+    """One PNG per logged metric (``plots/<metric>.png``, x = optimizer step) from the run's ``metrics.csv``."""
+    path = run / "metrics.csv"
+    if not path.exists():
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                if key in ("step", "epoch") or value in ("", None):
+                    continue
+                series.setdefault(key, []).append((int(float(row["step"])), float(value)))
+    out = run / "plots"
+    out.mkdir(exist_ok=True)
+    written = []
+    for key, points in sorted(series.items()):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, marker="o" if len(points) < 30 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        file = out / f"{key.replace('/', '_')}.png"
+        fig.savefig(file, dpi=80)
+        plt.close(fig)
+        written.append(file)
+    return written

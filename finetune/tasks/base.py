@@ -1,0 +1,283 @@
+"""The shared base of every task: model construction on either backend, optimizer and schedule, gradient
+checkpointing, the adapter hook, and one ``MetricCollection`` per stage."""
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+from torchmetrics import MetricCollection
+
+from finetune.bundled import resolve_path
+from finetune.models import from_config, from_hf
+from finetune.models.base import Backbone
+from finetune.models.hub import family_of
+from finetune.tasks.metrics import MetricSpec
+from finetune.tasks.optim import Schedule, adamw, lr_lambda, param_groups, warmup_steps
+
+Backend = Literal["scratch", "hf"]
+STAGES = ("train", "val", "test")
+
+
+class Task(L.LightningModule):
+    """Base class; subclasses set the class attributes and implement ``step``.
+
+    Args:
+        pretrained: a Hugging Face model folder or hub id whose weights to start from. ``None``: random init from
+            ``config``.
+        backend: ``scratch`` (our own implementation, ``finetune.models``; HF weights are converted) or ``hf``
+            (the ``transformers`` ``AutoModelFor...`` class of the task).
+        config: Hugging Face config fields. Without ``pretrained`` they define the random model and must include
+            ``model_type``; with it they override the checkpoint's config (e.g. dropout).
+        tokenizer: a tokenizer folder or hub id; default: ``pretrained``.
+        gradient_checkpointing: recompute activations in the backward pass (``use_reentrant=False``).
+        lr: peak learning rate of AdamW.
+        weight_decay: decoupled weight decay, applied to matrices only (not norms, biases or embeddings).
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        warmup: linear warmup, in optimizer steps (>= 1) or as a fraction of all steps (< 1).
+        schedule: learning-rate decay after warmup, per optimizer step.
+        min_lr_ratio: the decayed learning rate's floor, as a fraction of ``lr``.
+        metrics: names of the validation/test metrics to compute (default: all the task's scalar metrics).
+    """
+
+    objective: ClassVar[str]
+    auto_class: ClassVar[str]  # the transformers Auto class of the task
+    METRICS: ClassVar[dict[str, MetricSpec]]
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        *,
+        backend: Backend = "scratch",
+        config: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        gradient_checkpointing: bool = False,
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        warmup: float = 0.0,
+        schedule: Schedule = "cosine",
+        min_lr_ratio: float = 0.0,
+        metrics: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        # Relative paths that don't exist here are looked up in the bundled recipes folder (bundled data).
+        pretrained = resolve_path(pretrained) if pretrained else pretrained
+        tokenizer = resolve_path(tokenizer) if tokenizer else tokenizer
+        self.save_hyperparameters()
+        if pretrained is None and not config:
+            raise ValueError(
+                "model: give `pretrained` (a Hugging Face folder or hub id) or `config` (with `model_type`) to start "
+                "from random weights"
+            )
+        if pretrained is None and "model_type" not in config:
+            raise ValueError(f"model.config: a random init needs `model_type`; got keys {sorted(config)}")
+        unknown = sorted(set(metrics or ()) - set(self.METRICS))
+        if unknown:
+            raise ValueError(f"model.metrics: unknown {unknown} for {type(self).__name__}; known: {list(self.METRICS)}")
+        self.metric_names = list(metrics) if metrics is not None else [n for n, s in self.METRICS.items() if s.scalar]
+        if tokenizer is None and pretrained is None:
+            raise ValueError("model.tokenizer: a model trained from random weights needs a tokenizer folder or hub id")
+        self.tokenizer_path = tokenizer or pretrained
+        self.tokenizer = _load_tokenizer(self.tokenizer_path)
+        self.model: nn.Module | None = None
+
+    # ------------------------------------------------------------------------------------------- model
+    @property
+    def is_hf(self) -> bool:
+        return self.hparams.backend == "hf"
+
+    @property
+    def datamodule(self):
+        trainer = self._trainer
+        return getattr(trainer, "datamodule", None) if trainer is not None else None
+
+    def model_type(self) -> str:
+        """The ``model_type`` of the model to build (from ``config`` or the pretrained ``config.json``)."""
+        if self.hparams.pretrained is None:
+            return self.hparams.config["model_type"]
+        from finetune.models.hub import read_config, resolve
+
+        return read_config(resolve(self.hparams.pretrained))["model_type"]
+
+    def model_overrides(self) -> dict:
+        """Config fields the task sets on the model (e.g. the labels of a classification head)."""
+        return {}
+
+    def build_model(self) -> nn.Module:
+        """The backbone with the task's head, on the chosen backend, from pretrained weights or random."""
+        p, config = self.hparams.pretrained, dict(self.hparams.config or {})
+        overrides = {**config, **self.model_overrides()}
+        if self.is_hf:
+            import transformers
+
+            auto = getattr(transformers, self.auto_class)
+            if p is not None:
+                return auto.from_pretrained(p, dtype=torch.float32, attn_implementation="sdpa", **overrides)
+            hf_config = transformers.AutoConfig.for_model(**{**self._tokenizer_defaults(), **overrides})
+            return auto.from_config(hf_config, attn_implementation="sdpa")
+        if p is not None:
+            return from_hf(p, **overrides)
+        return from_config({**self._tokenizer_defaults(family_of(config["model_type"]).config_cls), **overrides})
+
+    def _tokenizer_defaults(self, config_cls=None) -> dict:
+        """Vocabulary size and special ids of a random model, from the tokenizer (only fields the config has)."""
+        tok = self.tokenizer
+        d = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id}
+        d |= {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+        d = {k: v for k, v in d.items() if v is not None}
+        if config_cls is not None:
+            names = {f.name for f in config_cls.__dataclass_fields__.values()}
+            d = {k: v for k, v in d.items() if k in names}
+        return d
+
+    def inject_adapter(self, model: nn.Module) -> nn.Module:
+        """Hook for parameter-efficient adapters (peft): returns the model to train. The base trains everything."""
+        return model
+
+    def configure_model(self) -> None:
+        """Builds the model once (Lightning calls this on every stage, after the data is set up)."""
+        if self.model is not None:
+            return
+        model = self.build_model()
+        if self.hparams.gradient_checkpointing:
+            _enable_checkpointing(model)
+        self.model = self.inject_adapter(model)
+        self.metrics = nn.ModuleDict({stage: self.make_metrics(stage) for stage in STAGES})
+        if self.device_mesh is not None:
+            _fully_shard(self.model, self.device_mesh)
+
+    # ----------------------------------------------------------------------------------------- metrics
+    def num_classes(self) -> int:
+        """The class count of the task's classification-style metrics (vocabulary size for token metrics)."""
+        return len(self.tokenizer)
+
+    def make_metrics(self, stage: str) -> MetricCollection:
+        names = ["loss"] if stage == "train" else self.metric_names
+        n = self.num_classes()
+        metrics = {name: self.METRICS[name].build(n) for name in names}
+        # Members are updated one by one with different inputs, so no compute groups.
+        return MetricCollection(metrics, prefix=f"{stage}/", compute_groups=False)
+
+    def needs(self, stage: str, what: str) -> bool:
+        """Whether a metric of ``stage`` needs an expensive output (see ``MetricSpec.needs``)."""
+        return stage != "train" and any(self.METRICS[n].needs == what for n in self.metric_names)
+
+    def update_metrics(self, stage: str, out: dict) -> None:
+        collection = self.metrics[stage]
+        for name, metric in collection.items(keep_base=True):
+            metric.update(*self.METRICS[name].inputs(out))
+        scalars = {f"{stage}/{n}": collection[f"{stage}/{n}"] for n in self._scalar_names(stage)}
+        self.log_dict(scalars, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=out["batch_size"])
+
+    def _scalar_names(self, stage: str) -> list[str]:
+        names = ["loss"] if stage == "train" else self.metric_names
+        return [n for n in names if self.METRICS[n].scalar]
+
+    def _save_array_metrics(self, stage: str) -> None:
+        """Computes, saves (``{stage}_{name}.json`` in the run folder) and resets the non-scalar metrics."""
+        for name in self.metric_names if stage != "train" else ():
+            if self.METRICS[name].scalar:
+                continue
+            metric = self.metrics[stage][f"{stage}/{name}"]
+            value = metric.compute().tolist()  # synced across processes
+            metric.reset()
+            self._write_json(f"{stage}_{name}.json", {"labels": self.class_names(), name: value})
+
+    def class_names(self) -> list[str] | None:
+        return None
+
+    @rank_zero_only
+    def _write_json(self, name: str, obj) -> None:
+        if self._trainer is None:
+            return
+        path = Path(self.trainer.default_root_dir) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj, indent=2) + "\n")
+
+    # ------------------------------------------------------------------------------------------- steps
+    def step(self, batch: dict, stage: str, batch_idx: int) -> dict:
+        """Runs the model on ``batch``; returns at least ``loss`` (mean over ``n_tokens``), ``n_tokens`` and
+        ``batch_size``, plus whatever the stage's metrics read."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self.step(batch, "train", batch_idx)
+        self.log("train/loss_step", out["loss"], prog_bar=True, on_step=True, on_epoch=False)
+        self.update_metrics("train", out)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return out["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.update_metrics("val", self.step(batch, "val", batch_idx))
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.update_metrics("test", self.step(batch, "test", batch_idx))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._save_array_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._save_array_metrics("test")
+
+    # --------------------------------------------------------------------------------------- optimizer
+    def configure_optimizers(self):
+        h = self.hparams
+        opt = adamw(param_groups(self.model, h.weight_decay), lr=h.lr, betas=tuple(h.betas), eps=h.eps)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warm = warmup_steps(h.warmup, total)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_lambda(s, warmup=warm, total=total, schedule=h.schedule, min_ratio=h.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The random state, so a resumed run draws the same dropout masks as an uninterrupted one.
+        checkpoint["rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("rng")
+        if rng is not None and (self._trainer is None or self.trainer.world_size == 1):
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+
+
+# -------------------------------------------------------------------------------------------- helpers
+def _load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.tokenizer: cannot load a tokenizer from {name_or_path!r}: {e}") from e
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    if isinstance(model, Backbone):
+        model.gradient_checkpointing = True
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise TypeError(f"{type(model).__name__} does not support gradient checkpointing")
+
+
+def _fully_shard(model: nn.Module, mesh) -> None:
+    """FSDP2: shards each transformer block, then the rest (``ModelParallelStrategy`` sets the device mesh)."""
+    from torch.distributed.fsdp import fully_shard
+
+    dp = mesh["data_parallel"]
+    blocks = set(getattr(model, "_no_split_modules", None) or ()) | {"PreNormBlock", "PostNormBlock"}
+    for m in list(model.modules()):
+        if type(m).__name__ in blocks:
+            fully_shard(m, mesh=dp)
+    fully_shard(model, mesh=dp)

@@ -1,0 +1,140 @@
+"""Causal language modelling: pretraining and supervised fine-tuning (text, instruction and chat data)."""
+
+import torch
+import torch.nn.functional as F
+
+from finetune.generation import generate
+from finetune.nn import build_mask
+from finetune.tasks.base import Task
+from finetune.tasks.metrics import LM_METRICS
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over the labelled tokens (-100 = ignored) and their count.
+
+    logits: (B, T, V) already aligned with labels (B, T); the loss is computed in fp32.
+    """
+    n = (labels != -100).sum()
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    return loss / n.clamp(min=1), n
+
+
+def packed_mask(segment_ids: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
+    """(B, T) packed-sample numbers -> (B, 1, T, T) bool mask: causal, within one sample and the window (True =
+    attend); the same mask our models build, handed to HF models as a 4D attention mask."""
+    T = segment_ids.size(1)
+    mask, _ = build_mask(
+        q_len=T, k_len=T, segment_ids=segment_ids, causal=True, sliding_window=sliding_window,
+        device=segment_ids.device,
+    )  # fmt: skip
+    return mask
+
+
+class CausalLM(Task):
+    """Next-token prediction; the loss covers the tokens the data labels (all, or only responses).
+
+    Args:
+        max_new_tokens: tokens generated per prompt by ``predict`` and for the sample printed after ``fit``.
+        temperature: sampling temperature for ``predict`` and samples; 0 means greedy.
+        top_k: keep only the k most likely tokens when sampling.
+        top_p: nucleus sampling threshold.
+        sample_prompt: the prompt of the sample generated after ``fit`` (default: the tokenizer's BOS).
+    """
+
+    objective = "causal_lm"
+    auto_class = "AutoModelForCausalLM"
+    METRICS = LM_METRICS
+
+    def __init__(
+        self,
+        *args,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        sample_prompt: str | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        """(B, T, V) logits; packed rows (``segment_ids``) attend only within their own sample."""
+        seg, pos = batch.get("segment_ids"), batch.get("position_ids")
+        if self.is_hf:
+            window = getattr(self.model.config, "sliding_window", None)
+            mask = packed_mask(seg, window) if seg is not None else batch["attention_mask"]
+            return self.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=pos).logits
+        return self.model(
+            batch["input_ids"],
+            attention_mask=None if seg is not None else batch["attention_mask"],
+            position_ids=pos,
+            segment_ids=seg,
+        )
+
+    def step(self, batch: dict, stage: str, batch_idx: int) -> dict:
+        logits = self.logits(batch)[:, :-1]  # (B, T-1, V): position t predicts token t+1
+        labels = batch["labels"][:, 1:]
+        loss, n = token_loss(logits, labels)
+        out = {"loss": loss, "n_tokens": n, "batch_size": labels.size(0)}
+        if stage != "train":
+            out |= {"preds": logits.argmax(-1).flatten(), "targets": labels.flatten()}
+        return out
+
+    # -------------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int | None = 0):
+        """Left-padded prompts (B, T) -> generated continuations (B, max_new_tokens), EOS-terminated rows padded."""
+        h, tok = self.hparams, self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        if self.is_hf:
+            sampling = h.temperature > 0
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=h.max_new_tokens,
+                do_sample=sampling,
+                temperature=h.temperature if sampling else None,
+                top_k=h.top_k if sampling else None,
+                top_p=h.top_p if sampling else None,
+                pad_token_id=pad,
+                eos_token_id=tok.eos_token_id,
+            )
+        else:
+            out = generate(
+                self.model,
+                input_ids,
+                attention_mask,
+                max_new_tokens=h.max_new_tokens,
+                temperature=h.temperature,
+                top_k=h.top_k,
+                top_p=h.top_p,
+                seed=seed,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=pad,
+            )
+        return out[:, input_ids.size(1) :]
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    def sample(self, prompt: str | None = None) -> str:
+        """Generates one continuation of ``prompt`` (default: ``sample_prompt``, else just BOS) as text."""
+        prompt = prompt if prompt is not None else (self.hparams.sample_prompt or "")
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if not ids:
+            bos = self.tokenizer.bos_token_id
+            ids = [bos if bos is not None else self.tokenizer.eos_token_id]
+        x = torch.tensor([ids], device=self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            new = self.generate_ids(x, torch.ones_like(x))
+        finally:
+            self.model.train(was_training)
+        return prompt + self.decode(new)[0]
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        new = self.generate_ids(batch["input_ids"], batch["attention_mask"], seed=batch_idx)
+        prompts = self.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+        rows = batch["row"].tolist()
+        return [{"row": r, "prompt": p, "output": o} for r, p, o in zip(rows, prompts, self.decode(new), strict=True)]

@@ -1,0 +1,87 @@
+"""Metrics the recipes name, built on ``torchmetrics``: each has a factory and says which step outputs it reads.
+
+Every metric accumulates state over the whole epoch and is synced across processes by ``torchmetrics`` when it is
+computed, so epoch values are exact (not averages of per-batch values).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torchmetrics import MeanMetric, Metric
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+from torchmetrics.text import BLEUScore, ROUGEScore
+
+
+class Perplexity(MeanMetric):
+    """exp of the token-weighted mean negative log-likelihood; update with ``(mean_nll, n_tokens)``.
+
+    Equal to ``torchmetrics.text.Perplexity`` on the same logits, without a second softmax over the vocabulary.
+    """
+
+    def compute(self) -> torch.Tensor:
+        return super().compute().exp()
+
+
+class RougeL(ROUGEScore):
+    """ROUGE-L F-measure over the generated and reference texts of the epoch."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(rouge_keys="rougeL", **kwargs)
+
+    def compute(self) -> torch.Tensor:
+        return super().compute()["rougeL_fmeasure"]
+
+
+class Bleu(BLEUScore):
+    """Corpus BLEU-4 of the generated texts, one reference each."""
+
+    def update(self, preds: list[str], target: list[str]) -> None:
+        super().update(preds, [[t] for t in target])
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """``build(num_classes)`` makes the metric; ``inputs(out)`` picks its ``update`` arguments from a step's outputs.
+
+    ``scalar=False`` marks metrics that are saved as files rather than logged (a confusion matrix).
+    ``needs`` names outputs that cost extra to produce (e.g. ``"generated"``: decoding text), made only on request.
+    """
+
+    build: Callable[[int], Metric]
+    inputs: Callable[[dict], tuple]
+    scalar: bool = True
+    needs: str | None = None
+
+
+_nll = lambda o: (o["loss"], o["n_tokens"])  # noqa: E731
+_tokens = lambda o: (o["preds"], o["targets"])  # noqa: E731
+
+LM_METRICS = {
+    "loss": MetricSpec(lambda n: MeanMetric(), _nll),
+    "perplexity": MetricSpec(lambda n: Perplexity(), _nll),
+    "accuracy": MetricSpec(lambda n: MulticlassAccuracy(n, average="micro", ignore_index=-100), _tokens),
+}
+
+CLASSIFICATION_METRICS = {
+    "loss": MetricSpec(lambda n: MeanMetric(), lambda o: (o["loss"], o["n_tokens"])),
+    "accuracy": MetricSpec(lambda n: MulticlassAccuracy(n, average="micro"), _tokens),
+    "f1": MetricSpec(lambda n: MulticlassF1Score(n, average="macro"), _tokens),
+    "precision": MetricSpec(lambda n: MulticlassPrecision(n, average="macro"), _tokens),
+    "recall": MetricSpec(lambda n: MulticlassRecall(n, average="macro"), _tokens),
+    "confusion_matrix": MetricSpec(lambda n: MulticlassConfusionMatrix(n), _tokens, scalar=False),
+}
+
+_texts = lambda o: (o["generated"], o["references"])  # noqa: E731
+
+SEQ2SEQ_METRICS = {
+    **LM_METRICS,
+    "rouge_l": MetricSpec(lambda n: RougeL(), _texts, needs="generated"),
+    "bleu": MetricSpec(lambda n: Bleu(), _texts, needs="generated"),
+}
