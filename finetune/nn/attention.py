@@ -166,9 +166,10 @@ def build_mask(
 
     Queries are the last ``q_len`` of ``k_len`` positions (earlier ones are in the KV cache).
     ``padding_mask`` is (B, k_len), 1/True for real tokens. ``segment_ids`` (B, k_len) numbers the samples packed
-    into a row (0 = padding): a query attends only to keys of its own segment, so packed samples stay apart. The mask is bool (B|1, 1, q_len, k_len), True = attend;
-    ``None`` with ``is_causal=True`` when plain causal attention suffices, which lets SDPA pick its fastest kernel,
-    unless ``materialize`` asks for the mask itself (to add a position bias to).
+    into a row (0 = padding): a query attends only to keys of its own segment, so packed samples stay apart.
+    The mask is bool (B|1, 1, q_len, k_len), True = attend; ``None`` with ``is_causal=True`` when plain causal
+    attention suffices, which lets SDPA pick its fastest kernel, unless ``materialize`` asks for the mask itself
+    (to add a position bias to).
     """
     no_padding = padding_mask is None and segment_ids is None
     if no_padding and sliding_window is None and not causal:
