@@ -1,9 +1,24 @@
-"""The ``finetune`` command. Training commands (fit/validate/test/predict) arrive with the training core."""
+"""The ``finetune`` command: ``fit|validate|test|predict`` (LightningCLI over a recipe), ``recipes``, ``demo``."""
 
 import argparse
+import json
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from finetune import bundled
+from finetune.callbacks import AtomicCheckpointIO, LastCheckpoint, RunFolder, TokensPerSecond
+from finetune.data import DataModule
+from finetune.tasks import Task
+
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+# Strategies whose checkpoints go through the CheckpointIO plugin (FSDP/DeepSpeed/ModelParallel save their own).
+_PLUGIN_STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_find_unused_parameters_true", "single_device")
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -67,15 +82,193 @@ def demo(args: argparse.Namespace) -> int:
     return 0 if same and diff < 1e-4 and rt < 1e-4 else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="finetune", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="convert a small random HF LLaMA, check parity, generate")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=demo)
+def _checkpoint_dir(root: str | None) -> str:
+    return str(Path(root or ".") / "checkpoints")
+
+
+class FinetuneCLI(LightningCLI):
+    """LightningCLI over ``Task`` subclasses and the ``DataModule``, writing everything into one run folder
+    (``trainer.default_root_dir``): config.yaml, checkpoints/{best,last}.ckpt, metrics.csv, tensorboard/, plots/,
+    tokenizer/, model_config.json, data stats, and the metrics of ``validate``/``test`` as JSON."""
+
+    def __init__(self, args=None, run: bool = True) -> None:
+        super().__init__(
+            model_class=Task,
+            subclass_mode_model=True,
+            datamodule_class=DataModule,
+            save_config_kwargs={"overwrite": True},  # a resumed run rewrites the same config
+            auto_configure_optimizers=False,  # the task owns its optimizer and schedule
+            seed_everything_default=0,
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")  # the best checkpoint, by a chosen metric
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.mode": "min",
+                "checkpoint.filename": "best",
+                "checkpoint.save_top_k": 1,
+                "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.enable_version_counter": False,
+                "trainer.default_root_dir": "runs/default",
+                "trainer.use_distributed_sampler": False,  # the DataModule shards (and resumes) its own order
+            }
+        )
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
+        for key in ("checkpoint", "last_checkpoint"):
+            parser.link_arguments("trainer.default_root_dir", f"{key}.dirpath", compute_fn=_checkpoint_dir)
+        parser.link_arguments("model.tokenizer", "data.tokenizer", apply_on="instantiate")
+        parser.link_arguments("model.objective", "data.objective", apply_on="instantiate")
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        root = config.get("default_root_dir") or "."
+        if config.get("logger") in (None, True):
+            config["logger"] = [
+                CSVLogger(root, name="", version=""),
+                TensorBoardLogger(root, name="tensorboard", version="", default_hp_metric=False),
+            ]
+        strategy = config.get("strategy", "auto")
+        if isinstance(strategy, str) and strategy in _PLUGIN_STRATEGIES and not config.get("plugins"):
+            config["plugins"] = [AtomicCheckpointIO()]
+        callbacks = [*callbacks, RunFolder(), TokensPerSecond()]
+        return super()._instantiate_trainer(config, callbacks)
+
+    # ---------------------------------------------------------------------------------------- subcommands
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.trainer.default_root_dir)
+
+    def _resolve_ckpt(self) -> None:
+        """``--ckpt_path best`` from a new process means ``checkpoints/best.ckpt`` of the run folder."""
+        cfg = self.config_init[self.subcommand]
+        if cfg.get("ckpt_path") == "best" and not self.trainer.checkpoint_callback.best_model_path:
+            best = self.run_dir / "checkpoints" / "best.ckpt"
+            if not best.is_file():
+                raise FileNotFoundError(f"--ckpt_path best: {best} does not exist")
+            cfg["ckpt_path"] = str(best)
+
+    def before_fit(self) -> None:
+        cfg = self.config_init["fit"]
+        existing = sorted((self.run_dir / "checkpoints").glob("*.ckpt"))
+        if cfg.get("ckpt_path") is None and existing:
+            raise FileExistsError(
+                f"run folder {self.run_dir} already holds checkpoints ({', '.join(p.name for p in existing)}): "
+                "resume it with --ckpt_path last, or start a new run with --trainer.default_root_dir=NEW_FOLDER"
+            )
+        if cfg.get("ckpt_path") == "last" and not (self.run_dir / "checkpoints" / "last.ckpt").is_file():
+            cfg["ckpt_path"] = None  # nothing to resume yet: start from the beginning
+
+    def after_fit(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        metrics = self.trainer.callback_metrics
+        lines = [f"run folder: {self.run_dir}"]
+        if "val/loss" in metrics:
+            lines.append(f"validation loss: {float(metrics['val/loss']):.4f}")
+        best = self.trainer.checkpoint_callback.best_model_path
+        if best:
+            lines.append(f"best checkpoint: {best}")
+        if hasattr(self.model, "sample"):
+            lines.append(f"sample: {self.model.sample()!r}")
+        print("\n".join(lines), flush=True)
+
+    def before_validate(self) -> None:
+        self._resolve_ckpt()
+
+    def before_test(self) -> None:
+        self._resolve_ckpt()
+
+    def before_predict(self) -> None:
+        self._resolve_ckpt()
+
+    def _write_metrics(self, stage: str, prefix: str) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        values = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(prefix)}
+        cfg = self.config_init[self.subcommand]
+        out = {"ckpt_path": cfg.get("ckpt_path"), "metrics": values}
+        path = self.run_dir / f"{stage}_metrics.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"{stage} metrics written to {path}: {json.dumps(values)}", flush=True)
+
+    def after_validate(self) -> None:
+        self._write_metrics("validate", "val/")
+
+    def after_test(self) -> None:
+        self._write_metrics("test", "test/")
+
+    def predict(self, model, datamodule=None, ckpt_path=None, **kwargs) -> None:
+        """Writes ``predictions.jsonl`` (one row per input row, in input order) into the run folder."""
+        batches = self.trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs) or []
+        rows = [r for batch in batches for r in batch]
+        if self.trainer.world_size > 1:
+            import torch.distributed as dist
+
+            gathered = [None] * self.trainer.world_size
+            dist.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        if not self.trainer.is_global_zero:
+            return
+        rows.sort(key=lambda r: r["row"])
+        path = self.run_dir / "predictions.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        print(f"{len(rows)} predictions written to {path}", flush=True)
+
+
+def _recipe_args(argv: list[str]) -> list[str]:
+    """``--config NAME`` may name a bundled recipe instead of a file."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            out[i + 1] = str(bundled.find(out[i + 1]))
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + str(bundled.find(arg.split("=", 1)[1]))
+    return out
+
+
+def recipes_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="finetune recipes", description="list or copy the bundled recipes")
+    sub = parser.add_subparsers(dest="action")
+    cp = sub.add_parser("cp", help="copy a bundled recipe out to edit it")
+    cp.add_argument("name")
+    cp.add_argument("dest")
+    cp.add_argument("--force", action="store_true", help="overwrite an existing file")
     args = parser.parse_args(argv)
-    return args.func(args)
+    if args.action == "cp":
+        print(bundled.copy(args.name, args.dest, force=args.force))
+        return 0
+    recipes = bundled.bundled()
+    width = max(map(len, recipes), default=0)
+    for name, path in recipes.items():
+        print(f"{name:<{width}}  {bundled.describe(path)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "recipes":
+        return recipes_command(argv[1:])
+    if argv and argv[0] == "demo":
+        parser = argparse.ArgumentParser(prog="finetune demo", description=demo.__doc__)
+        parser.add_argument("--max-new-tokens", type=int, default=16)
+        parser.add_argument("--seed", type=int, default=0)
+        return demo(parser.parse_args(argv[1:]))
+    try:
+        argv = _recipe_args(argv)
+    except FileNotFoundError as e:
+        print(f"finetune: error: {e}", file=sys.stderr)
+        return 2
+    saved, sys.argv = sys.argv, [sys.argv[0], *argv]  # jsonargparse reads the command line from sys.argv
+    try:
+        FinetuneCLI()
+    finally:
+        sys.argv = saved
+    return 0
 
 
 if __name__ == "__main__":

@@ -183,3 +183,36 @@ def tokenizer_folder(tmp_path_factory):
         return cache[style]
 
     return get
+
+
+# -------------------------------------------------------------------------------- tiny stand-ins for recipes
+# arch -> (tokenizer style, HF config, HF model class); vocabularies match the tiny tokenizers (320 tokens).
+STAND_INS = {
+    "gpt2": ("gpt", lambda: T.GPT2Config(**{**GPT2, "vocab_size": 320, "bos_token_id": 0, "eos_token_id": 0}),
+             T.GPT2LMHeadModel),
+    "llama": ("llama", lambda: T.LlamaConfig(**{**LLAMA, "vocab_size": 320}, num_key_value_heads=2, bos_token_id=0,
+                                             eos_token_id=1, pad_token_id=2), T.LlamaForCausalLM),
+    "bert": ("bert", lambda: T.BertConfig(**{**BERT, "vocab_size": 320}, pad_token_id=0), T.BertForMaskedLM),
+    "t5": ("t5", lambda: T.T5Config(**{**T5, "vocab_size": 320}, pad_token_id=0, eos_token_id=1,
+                                    feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+           T.T5ForConditionalGeneration),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def stand_in(tmp_path_factory):
+    """``stand_in(arch)`` -> folder with a tiny random HF model and its tokenizer (``save_pretrained`` both), the
+    way a hub checkpoint folder looks."""
+    cache = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            style, config, cls = STAND_INS[arch]
+            folder = tmp_path_factory.mktemp(f"stand-in-{arch}")
+            make_tokenizer(folder, style)
+            torch.manual_seed(0)
+            cls(config()).save_pretrained(folder)
+            cache[arch] = folder
+        return cache[arch]
+
+    return get

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 from torchmetrics import MetricCollection
 
@@ -136,6 +136,19 @@ class Task(L.LightningModule):
             d = {k: v for k, v in d.items() if k in names}
         return d
 
+    def _check_context(self, model: nn.Module) -> None:
+        """The data's ``max_length`` must fit a learned position table (RoPE models only get a warning)."""
+        max_length = getattr(self.datamodule, "max_length", None)
+        config = getattr(model, "config", None) or getattr(getattr(model, "decoder", None), "config", None)
+        context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        if max_length is None or context is None or max_length <= context:
+            return
+        message = f"data.max_length={max_length} exceeds the model's context of {context} positions"
+        if getattr(config, "rope_theta", None) is not None or getattr(config, "rope_parameters", None):
+            rank_zero_warn(f"{message}; RoPE extrapolates past it, but quality usually drops")
+        else:
+            raise ValueError(f"{message}; lower data.max_length")
+
     def inject_adapter(self, model: nn.Module) -> nn.Module:
         """Hook for parameter-efficient adapters (peft): returns the model to train. The base trains everything."""
         return model
@@ -144,11 +157,13 @@ class Task(L.LightningModule):
         """Builds the model once (Lightning calls this on every stage, after the data is set up)."""
         if self.model is not None:
             return
-        model = self.build_model()
+        model = self.build_model().train()  # loaders return eval-mode models; Lightning keeps module modes
+        self._check_context(model)
         if self.hparams.gradient_checkpointing:
             _enable_checkpointing(model)
         self.model = self.inject_adapter(model)
-        self.metrics = nn.ModuleDict({stage: self.make_metrics(stage) for stage in STAGES})
+        # Keyed "<stage>_metrics": a ModuleDict key "train" would clash with ``nn.Module.train``.
+        self.stage_metrics = nn.ModuleDict({f"{s}_metrics": self.make_metrics(s) for s in STAGES})
         if self.device_mesh is not None:
             _fully_shard(self.model, self.device_mesh)
 
@@ -164,12 +179,15 @@ class Task(L.LightningModule):
         # Members are updated one by one with different inputs, so no compute groups.
         return MetricCollection(metrics, prefix=f"{stage}/", compute_groups=False)
 
+    def metrics(self, stage: str) -> MetricCollection:
+        return self.stage_metrics[f"{stage}_metrics"]
+
     def needs(self, stage: str, what: str) -> bool:
         """Whether a metric of ``stage`` needs an expensive output (see ``MetricSpec.needs``)."""
         return stage != "train" and any(self.METRICS[n].needs == what for n in self.metric_names)
 
     def update_metrics(self, stage: str, out: dict) -> None:
-        collection = self.metrics[stage]
+        collection = self.metrics(stage)
         for name, metric in collection.items(keep_base=True):
             metric.update(*self.METRICS[name].inputs(out))
         scalars = {f"{stage}/{n}": collection[f"{stage}/{n}"] for n in self._scalar_names(stage)}
@@ -184,7 +202,7 @@ class Task(L.LightningModule):
         for name in self.metric_names if stage != "train" else ():
             if self.METRICS[name].scalar:
                 continue
-            metric = self.metrics[stage][f"{stage}/{name}"]
+            metric = self.metrics(stage)[f"{stage}/{name}"]
             value = metric.compute().tolist()  # synced across processes
             metric.reset()
             self._write_json(f"{stage}_{name}.json", {"labels": self.class_names(), name: value})
@@ -229,7 +247,14 @@ class Task(L.LightningModule):
     # --------------------------------------------------------------------------------------- optimizer
     def configure_optimizers(self):
         h = self.hparams
-        opt = adamw(param_groups(self.model, h.weight_decay), lr=h.lr, betas=tuple(h.betas), eps=h.eps)
+        clip_mixed = bool(self.trainer.gradient_clip_val) and "mixed" in str(self.trainer.precision)
+        opt = adamw(
+            param_groups(self.model, h.weight_decay),
+            lr=h.lr,
+            betas=tuple(h.betas),
+            eps=h.eps,
+            allow_fused=not clip_mixed,
+        )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warm = warmup_steps(h.warmup, total)
         sched = torch.optim.lr_scheduler.LambdaLR(

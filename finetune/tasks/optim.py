@@ -25,10 +25,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def adamw(groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
-    """AdamW, fused (one kernel for all parameters) where the parameters' device and dtypes allow it."""
+def adamw(
+    groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float, allow_fused: bool = True
+) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel for all parameters) where allowed and the parameters' devices and dtypes allow it.
+
+    Lightning refuses to clip gradients under mixed precision with a fused optimizer (it would unscale them
+    itself), so the caller disallows fusing in that case.
+    """
     params = [p for g in groups for p in g["params"]]
-    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cuda", "cpu") for p in params)
+    fused = allow_fused and bool(params)
+    fused = fused and all(p.is_floating_point() and p.device.type in ("cuda", "cpu") for p in params)
     try:
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
     except (RuntimeError, TypeError):  # e.g. a dtype or device the fused kernel does not cover

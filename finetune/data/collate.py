@@ -1,0 +1,53 @@
+"""Batching: rows of token lists padded into tensors, plus the ``attention_mask`` and a ``num_tokens`` count."""
+
+import numpy as np
+import torch
+
+# what padding holds, per column; input_ids pad with the tokenizer's pad id
+PAD_VALUES = {"labels": -100, "position_ids": 0, "segment_ids": 0, "token_type_ids": 0, "special_tokens_mask": 1}
+
+
+class Collator:
+    """Pads each list column to the longest in the batch (rounded up to ``pad_to_multiple_of``), on the right, or
+    on the left for prompts to generate from. Integer columns (class labels, ``row``) become (B,) tensors.
+
+    ``num_tokens`` is a Python int (no device sync to read it): the non-padding input tokens, plus the target
+    tokens when ``count_targets`` (seq2seq, where ``labels`` is a sequence of its own).
+    """
+
+    def __init__(
+        self, pad_id: int, *, left: bool = False, pad_to_multiple_of: int | None = None, count_targets: bool = False
+    ) -> None:
+        self.pad_id, self.left, self.multiple, self.count_targets = pad_id, left, pad_to_multiple_of, count_targets
+
+    def _pad(self, rows: list, value: int) -> torch.Tensor:
+        T = max((len(r) for r in rows), default=0)
+        if self.multiple:
+            T = -(-T // self.multiple) * self.multiple
+        out = np.full((len(rows), T), value, dtype=np.int64)  # (B, T); filled through numpy: faster from lists
+        for i, r in enumerate(rows):
+            if len(r):
+                if self.left:
+                    out[i, T - len(r) :] = r
+                else:
+                    out[i, : len(r)] = r
+        return torch.from_numpy(out)
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch: dict = {}
+        for key in items[0]:
+            values = [item[key] for item in items]
+            if isinstance(values[0], list | np.ndarray):
+                batch[key] = self._pad(values, PAD_VALUES.get(key, self.pad_id))
+            else:
+                batch[key] = torch.as_tensor(values, dtype=torch.long)  # (B,)
+        lengths = torch.tensor([[len(item["input_ids"])] for item in items])  # (B, 1)
+        T = batch["input_ids"].shape[1]
+        positions = torch.arange(T)  # (T,)
+        mask = positions >= T - lengths if self.left else positions < lengths  # (B, T) True on tokens
+        batch["attention_mask"] = mask.long()
+        num_tokens = int(lengths.sum())
+        if self.count_targets and "labels" in batch:
+            num_tokens += sum(len(item["labels"]) for item in items)
+        batch["num_tokens"] = num_tokens
+        return batch
