@@ -1,0 +1,103 @@
+"""Helpers for end-to-end runs through the ``finetune`` command on tiny models and toy data."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from finetune.cli import main
+
+# A tiny from-scratch LLaMA; vocabulary and special ids come from the tokenizer.
+TINY_LLAMA = dict(
+    model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=64,
+)  # fmt: skip
+
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "the",
+    "lazy",
+    "dog",
+    "and",
+    "a",
+    "cat",
+    "sat",
+    "on",
+    "the",
+    "mat",
+]
+
+
+def cyclic_text(n: int, length: int = 12) -> list[dict]:
+    """Rows of a fixed word cycle from different offsets: learnable next-token data."""
+    return [{"text": " ".join(WORDS[(i + j) % len(WORDS)] for j in range(length))} for i in range(n)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def recipe(tmp_path: Path, task: str, model: dict, data: dict, trainer: dict | None = None, **extra) -> str:
+    """Writes a recipe YAML for a tiny CPU run into ``tmp_path``; returns its path."""
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "default_root_dir": str(tmp_path / "run"),
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 20,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            **(trainer or {}),
+        },
+        "model": {"class_path": f"finetune.tasks.{task}", "init_args": model},
+        "data": {"cache_dir": str(tmp_path / "cache"), **data},
+        **extra,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def fit(config: str, *args: str) -> None:
+    assert main(["fit", "--config", config, *args]) == 0
+
+
+def run_metrics(run: Path) -> list[dict]:
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def logged(run: Path, key: str) -> dict[int, float]:
+    """``{step: value}`` of one metric in the run's metrics.csv."""
+    return {int(r["step"]): float(r[key]) for r in run_metrics(run) if r.get(key) not in ("", None)}
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def cli_subprocess(*args: str, **kwargs) -> subprocess.Popen:
+    """``python -m finetune.cli ARGS`` in a new process (how Lightning's DDP launcher re-runs it too)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "finetune.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
