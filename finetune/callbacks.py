@@ -10,6 +10,9 @@ from pathlib import Path
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -30,6 +33,32 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+class _ResumableWriter(ExperimentWriter):
+    """Keeps an existing ``metrics.csv`` (Lightning's writer deletes it) and its columns, so a resumed run appends to
+    the rows before its checkpoint (``RunFolder`` drops the rows logged after it)."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = next(csv.reader(f), [])
+
+
+class RunCSVLogger(CSVLogger):
+    """``metrics.csv`` written straight into the run folder, flushed at every logging step (a killed run keeps
+    what it logged), and continued on resume."""
+
+    def __init__(self, save_dir: str) -> None:
+        super().__init__(save_dir, name="", version="", flush_logs_every_n_steps=1)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumableWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -69,14 +98,15 @@ class TokensPerSecond(L.Callback):
 
 class RunFolder(L.Callback):
     """Fills the run folder (``trainer.default_root_dir``): on fit start the tokenizer, the model config and the
-    data statistics (and labels); on resume, drops ``metrics.csv`` rows logged after the checkpoint; at the end,
-    PNG curves of every logged metric."""
+    data statistics (and labels); on resume, drops the ``metrics.csv`` rows logged after the checkpoint (a killed
+    run logged past it); at the end, PNG curves of every logged metric."""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        run = Path(trainer.default_root_dir)
-        if trainer.ckpt_path:
-            self._truncate_metrics(run / "metrics.csv", trainer.global_step)
-        self._save_artifacts(trainer, pl_module, run)
+        self._save_artifacts(trainer, pl_module, Path(trainer.default_root_dir))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path:  # the loop state is restored by now, so global_step is the checkpoint's
+            self._truncate_metrics(Path(trainer.default_root_dir) / "metrics.csv", trainer.global_step)
 
     @rank_zero_only
     def _save_artifacts(self, trainer: L.Trainer, pl_module: L.LightningModule, run: Path) -> None:

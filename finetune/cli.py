@@ -9,10 +9,10 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from finetune import bundled
-from finetune.callbacks import AtomicCheckpointIO, LastCheckpoint, RunFolder, TokensPerSecond
+from finetune.callbacks import AtomicCheckpointIO, LastCheckpoint, RunCSVLogger, RunFolder, TokensPerSecond
 from finetune.data import DataModule
 from finetune.tasks import Task
 
@@ -127,7 +127,7 @@ class FinetuneCLI(LightningCLI):
         root = config.get("default_root_dir") or "."
         if config.get("logger") in (None, True):
             config["logger"] = [
-                CSVLogger(root, name="", version=""),
+                RunCSVLogger(root),
                 TensorBoardLogger(root, name="tensorboard", version="", default_hp_metric=False),
             ]
         strategy = config.get("strategy", "auto")
