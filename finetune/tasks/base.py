@@ -41,7 +41,7 @@ class Task(L.LightningModule):
         warmup: linear warmup, in optimizer steps (>= 1) or as a fraction of all steps (< 1).
         schedule: learning-rate decay after warmup, per optimizer step.
         min_lr_ratio: the decayed learning rate's floor, as a fraction of ``lr``.
-        metrics: names of the validation/test metrics to compute (default: all the task's scalar metrics).
+        metrics: names of the validation/test metrics to compute (default: all the task's metrics).
     """
 
     objective: ClassVar[str]
@@ -80,7 +80,7 @@ class Task(L.LightningModule):
         unknown = sorted(set(metrics or ()) - set(self.METRICS))
         if unknown:
             raise ValueError(f"model.metrics: unknown {unknown} for {type(self).__name__}; known: {list(self.METRICS)}")
-        self.metric_names = list(metrics) if metrics is not None else [n for n, s in self.METRICS.items() if s.scalar]
+        self.metric_names = list(metrics) if metrics is not None else list(self.METRICS)
         if tokenizer is None and pretrained is None:
             raise ValueError("model.tokenizer: a model trained from random weights needs a tokenizer folder or hub id")
         self.tokenizer_path = tokenizer or pretrained
