@@ -15,6 +15,7 @@ from finetune import bundled
 from finetune.callbacks import AtomicCheckpointIO, LastCheckpoint, RunCSVLogger, RunFolder, TokensPerSecond
 from finetune.data import DataModule
 from finetune.tasks import Task
+from finetune.tasks.base import hold_gathered
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 # Strategies whose checkpoints go through the CheckpointIO plugin (FSDP/DeepSpeed/ModelParallel save their own).
@@ -162,6 +163,14 @@ class FinetuneCLI(LightningCLI):
             cfg["ckpt_path"] = None  # nothing to resume yet: start from the beginning
 
     def after_fit(self) -> None:
+        sample = None
+        if hasattr(self.model, "sample"):
+            # Rank 0 generates alone: under FSDP2 all ranks first gather the weights together (a collective).
+            hold_gathered(self.model.model, True)
+            try:
+                sample = self.model.sample() if self.trainer.is_global_zero else None
+            finally:
+                hold_gathered(self.model.model, False)
         if not self.trainer.is_global_zero:
             return
         metrics = self.trainer.callback_metrics
@@ -171,8 +180,8 @@ class FinetuneCLI(LightningCLI):
         best = self.trainer.checkpoint_callback.best_model_path
         if best:
             lines.append(f"best checkpoint: {best}")
-        if hasattr(self.model, "sample"):
-            lines.append(f"sample: {self.model.sample()!r}")
+        if sample is not None:
+            lines.append(f"sample: {sample!r}")
         print("\n".join(lines), flush=True)
 
     def before_validate(self) -> None:
@@ -249,8 +258,22 @@ def recipes_command(argv: list[str]) -> int:
     return 0
 
 
+USAGE = """usage: finetune COMMAND ...
+
+commands:
+  fit|validate|test|predict --config RECIPE [--model.X=... --data.Y=... --trainer.Z=...]
+                      train or evaluate a recipe (a bundled name or a YAML path); --help on each for every key
+  recipes [cp NAME DEST]
+                      list the bundled recipes, or copy one out to edit
+  demo                convert a small random HF LLaMA, check parity with transformers, generate
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return 0 if argv else 2
     if argv and argv[0] == "recipes":
         return recipes_command(argv[1:])
     if argv and argv[0] == "demo":
