@@ -244,6 +244,25 @@ class Task(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._save_array_metrics("test")
 
+    # FSDP2: evaluation holds the whole model gathered on every rank (see ``hold_gathered``).
+    def on_validation_start(self) -> None:
+        hold_gathered(self.model, True)
+
+    def on_validation_end(self) -> None:
+        hold_gathered(self.model, False)
+
+    def on_test_start(self) -> None:
+        hold_gathered(self.model, True)
+
+    def on_test_end(self) -> None:
+        hold_gathered(self.model, False)
+
+    def on_predict_start(self) -> None:
+        hold_gathered(self.model, True)
+
+    def on_predict_end(self) -> None:
+        hold_gathered(self.model, False)
+
     # --------------------------------------------------------------------------------------- optimizer
     def configure_optimizers(self):
         h = self.hparams
@@ -306,3 +325,25 @@ def _fully_shard(model: nn.Module, mesh) -> None:
         if type(m).__name__ in blocks:
             fully_shard(m, mesh=dp)
     fully_shard(model, mesh=dp)
+
+
+def hold_gathered(model: nn.Module | None, hold: bool) -> None:
+    """FSDP2 only. A sharded module all-gathers its weights in every forward pass, a collective all ranks must make
+    together, but in evaluation ranks make different numbers of forward passes: evaluation shards are not padded
+    (one rank may have a batch more) and generation stops early. So ``hold=True`` gathers every sharded module once,
+    on all ranks together, and keeps it gathered, so that forward passes need no collectives (at the memory cost of
+    the whole model per rank while evaluating); ``hold=False`` frees the gathered weights and restores resharding
+    after forward, except for the root module, as ``fully_shard`` sets it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_reshard_after_forward(not hold, recurse=False)
+            if hold:
+                m.unshard()
+            else:
+                m.reshard()
+    if not hold:
+        model.set_reshard_after_forward(False, recurse=False)
