@@ -157,3 +157,24 @@ def test_lr_schedule_shapes():
     assert warmup_steps(0.1, 200) == 20 and warmup_steps(30, 200) == 30
     with pytest.raises(ValueError, match="warmup must be >= 0"):
         warmup_steps(-1, 10)
+
+
+@pytest.mark.parametrize("backend", ["scratch", "hf"])
+def test_gradient_checkpointing_gives_the_same_gradients(stand_in, backend):
+    from finetune.tasks import CausalLM
+
+    folder = str(stand_in("llama"))
+    ids = torch.randint(3, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    grads = []
+    for on in (False, True):
+        task = CausalLM(folder, backend=backend, gradient_checkpointing=on)
+        task.configure_model()
+        if backend == "hf":
+            assert task.model.is_gradient_checkpointing is on
+        else:
+            assert task.model.gradient_checkpointing is on
+        task.step(batch, "train", 0)["loss"].backward()
+        grads.append({n: p.grad for n, p in task.model.named_parameters()})
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, msg=n)
