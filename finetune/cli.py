@@ -147,7 +147,7 @@ class FinetuneCLI(LightningCLI):
         cfg = self.config_init[self.subcommand]
         if cfg.get("ckpt_path") == "best" and not self.trainer.checkpoint_callback.best_model_path:
             best = self.run_dir / "checkpoints" / "best.ckpt"
-            if not best.is_file():
+            if not best.exists():  # a file, or a folder (FSDP2 distributed checkpoint)
                 raise FileNotFoundError(f"--ckpt_path best: {best} does not exist")
             cfg["ckpt_path"] = str(best)
 
@@ -159,7 +159,7 @@ class FinetuneCLI(LightningCLI):
                 f"run folder {self.run_dir} already holds checkpoints ({', '.join(p.name for p in existing)}): "
                 "resume it with --ckpt_path last, or start a new run with --trainer.default_root_dir=NEW_FOLDER"
             )
-        if cfg.get("ckpt_path") == "last" and not (self.run_dir / "checkpoints" / "last.ckpt").is_file():
+        if cfg.get("ckpt_path") == "last" and not (self.run_dir / "checkpoints" / "last.ckpt").exists():
             cfg["ckpt_path"] = None  # nothing to resume yet: start from the beginning
 
     def after_fit(self) -> None:
