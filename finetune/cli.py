@@ -17,7 +17,6 @@ from finetune.data import DataModule
 from finetune.tasks import Task
 from finetune.tasks.base import hold_gathered
 
-TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 # Strategies whose checkpoints go through the CheckpointIO plugin (FSDP/DeepSpeed/ModelParallel save their own).
 _PLUGIN_STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_find_unused_parameters_true", "single_device")
 

@@ -7,6 +7,14 @@ import torch
 PAD_VALUES = {"labels": -100, "position_ids": 0, "segment_ids": 0, "token_type_ids": 0, "special_tokens_mask": 1}
 
 
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS, else 0."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
+
+
 class Collator:
     """Pads each list column to the longest in the batch (rounded up to ``pad_to_multiple_of``), on the right, or
     on the left for prompts to generate from. Integer columns (class labels, ``row``) become (B,) tensors.

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from finetune.bundled import resolve_path
-from finetune.data.collate import Collator
+from finetune.data.collate import Collator, pad_id
 from finetune.data.encode import FIELDS, OBJECTIVE_FORMATS, Encoder, collect_labels, resolve_columns
 from finetune.data.packing import PackedDataset
 from finetune.data.sampling import EvalSampler, ResumableDataLoader, TrainSampler
@@ -223,11 +223,7 @@ class DataModule(L.LightningDataModule):
     @property
     def pad_token_id(self) -> int:
         """The tokenizer's pad token, else its EOS, else 0."""
-        tok = self._load_tokenizer()
-        for token_id in (tok.pad_token_id, tok.eos_token_id):
-            if token_id is not None:
-                return token_id
-        return 0
+        return pad_id(self._load_tokenizer())
 
     # ------------------------------------------------------------------------------------------- Lightning hooks
     def prepare_data(self) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 
 from finetune.bundled import resolve_path
+from finetune.data.collate import pad_id
 from finetune.models import from_config, from_hf
 from finetune.models.base import Backbone
 from finetune.models.hub import family_of
@@ -93,6 +94,10 @@ class Task(L.LightningModule):
         return self.hparams.backend == "hf"
 
     @property
+    def pad_token_id(self) -> int:
+        return pad_id(self.tokenizer)  # the id the DataModule pads with
+
+    @property
     def datamodule(self):
         trainer = self._trainer
         return getattr(trainer, "datamodule", None) if trainer is not None else None
@@ -172,10 +177,13 @@ class Task(L.LightningModule):
         """The class count of the task's classification-style metrics (vocabulary size for token metrics)."""
         return len(self.tokenizer)
 
+    def stage_metric_names(self, stage: str) -> list[str]:
+        """Training tracks the loss only (no argmax over the vocabulary per step); evaluation all ``metrics``."""
+        return ["loss"] if stage == "train" else self.metric_names
+
     def make_metrics(self, stage: str) -> MetricCollection:
-        names = ["loss"] if stage == "train" else self.metric_names
         n = self.num_classes()
-        metrics = {name: self.METRICS[name].build(n) for name in names}
+        metrics = {name: self.METRICS[name].build(n) for name in self.stage_metric_names(stage)}
         # Members are updated one by one with different inputs, so no compute groups.
         return MetricCollection(metrics, prefix=f"{stage}/", compute_groups=False)
 
@@ -184,22 +192,19 @@ class Task(L.LightningModule):
 
     def needs(self, stage: str, what: str) -> bool:
         """Whether a metric of ``stage`` needs an expensive output (see ``MetricSpec.needs``)."""
-        return stage != "train" and any(self.METRICS[n].needs == what for n in self.metric_names)
+        return any(self.METRICS[n].needs == what for n in self.stage_metric_names(stage))
 
     def update_metrics(self, stage: str, out: dict) -> None:
         collection = self.metrics(stage)
         for name, metric in collection.items(keep_base=True):
             metric.update(*self.METRICS[name].inputs(out))
-        scalars = {f"{stage}/{n}": collection[f"{stage}/{n}"] for n in self._scalar_names(stage)}
+        names = [n for n in self.stage_metric_names(stage) if self.METRICS[n].scalar]
+        scalars = {f"{stage}/{n}": collection[f"{stage}/{n}"] for n in names}
         self.log_dict(scalars, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=out["batch_size"])
-
-    def _scalar_names(self, stage: str) -> list[str]:
-        names = ["loss"] if stage == "train" else self.metric_names
-        return [n for n in names if self.METRICS[n].scalar]
 
     def _save_array_metrics(self, stage: str) -> None:
         """Computes, saves (``{stage}_{name}.json`` in the run folder) and resets the non-scalar metrics."""
-        for name in self.metric_names if stage != "train" else ():
+        for name in self.stage_metric_names(stage):
             if self.METRICS[name].scalar:
                 continue
             metric = self.metrics(stage)[f"{stage}/{name}"]

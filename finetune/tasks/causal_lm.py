@@ -84,8 +84,7 @@ class CausalLM(Task):
     @torch.no_grad()
     def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int | None = 0):
         """Left-padded prompts (B, T) -> generated continuations (B, max_new_tokens), EOS-terminated rows padded."""
-        h, tok = self.hparams, self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        h, tok, pad = self.hparams, self.tokenizer, self.pad_token_id
         if self.is_hf:
             sampling = h.temperature > 0
             out = self.model.generate(

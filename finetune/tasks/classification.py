@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.models import GPT2, Bert, Llama
+from finetune.models import Bert
 from finetune.models.base import DecoderLM
 from finetune.tasks.base import Task
 from finetune.tasks.metrics import CLASSIFICATION_METRICS
@@ -20,7 +20,7 @@ class LastTokenClassifier(nn.Module):
         super().__init__()
         self.decoder = decoder
         decoder.lm_head = None
-        width = decoder.config.hidden_size if isinstance(decoder, Llama) else decoder.config.n_embd
+        width = getattr(decoder, decoder.embedding).embedding_dim
         self.score = nn.Linear(width, num_labels, bias=False)
         nn.init.normal_(self.score.weight, std=decoder.init_std)
 
@@ -56,12 +56,11 @@ class Classification(Task):
     def model_overrides(self) -> dict:
         id2label = dict(enumerate(self.class_names()))
         if self.is_hf:
-            pad = self.tokenizer.pad_token_id
             return {
                 "num_labels": len(id2label),
                 "id2label": id2label,
                 "label2id": {v: k for k, v in id2label.items()},
-                "pad_token_id": pad if pad is not None else self.tokenizer.eos_token_id,
+                "pad_token_id": self.pad_token_id,  # HF pools the last token that is not padding
             }
         if self.model_type() == "bert":  # our BERT has its own (pooled) classification head
             return {"head": "classification", "id2label": id2label}
@@ -71,7 +70,7 @@ class Classification(Task):
         model = super().build_model()
         if self.is_hf or isinstance(model, Bert):
             return model
-        if isinstance(model, (GPT2, Llama)):
+        if isinstance(model, DecoderLM):
             return LastTokenClassifier(model, self.num_classes())
         raise ValueError(
             f"classification from scratch supports BERT and decoder backbones, not {type(model).__name__}; "

@@ -30,13 +30,8 @@ class Seq2Seq(Task):
     def __init__(self, *args, max_new_tokens: int = 64, **kwargs) -> None:
         super().__init__(*args, **kwargs)
 
-    @property
-    def _config(self):
-        return self.model.config
-
     def logits(self, batch: dict) -> torch.Tensor:
-        c, tok = self._config, self.tokenizer
-        dec = shift_right(batch["labels"], c.decoder_start_token_id, tok.pad_token_id)
+        dec = shift_right(batch["labels"], self.model.config.decoder_start_token_id, self.tokenizer.pad_token_id)
         if self.is_hf:
             return self.model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=dec

@@ -47,8 +47,8 @@ def test_instruction_tuning_hf_backend_learns(tmp_path, stand_in):
 
 
 def test_seq2seq_learns(tmp_path, stand_in):
-    rows = [{"source": " ".join(WORD for WORD in s.split()), "target": s} for s in
-            ("the cat", "a dog", "the fox", "one two", "the mat", "a cat sat")]  # fmt: skip
+    texts = ("the cat", "a dog", "the fox", "one two", "the mat", "a cat sat")
+    rows = [{"source": t, "target": t} for t in texts]  # copying: learnable in a few steps
     data = write_jsonl(tmp_path / "d.jsonl", rows * 4)
     config = recipe(
         tmp_path, "Seq2Seq", {"pretrained": str(stand_in("t5")), "lr": 1e-2, "max_new_tokens": 8},
