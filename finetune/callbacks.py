@@ -69,6 +69,24 @@ class LastCheckpoint(ModelCheckpoint):
 
     def __init__(self, dirpath: str | None = None, every_n_train_steps: int | None = None) -> None:
         super().__init__(dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps)
+        self._after_validation = False
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args, **kwargs) -> None:
+        # When validation follows this batch, save after it instead: Lightning resumes a checkpoint taken before a
+        # due validation as if that validation had run, so a kill during it would skip it for good.
+        loop, every = trainer.fit_loop, self._every_n_train_steps
+        due = every and trainer.global_step % every == 0
+        if due and loop._data_fetcher is not None and loop.epoch_loop._should_check_val_fx(loop._data_fetcher):
+            self._after_validation = True
+            return
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._after_validation and not trainer.sanity_checking:
+            self._after_validation = False
+            if trainer.global_step != self._last_global_step_saved:
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_validation_end(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step != self._last_global_step_saved and not trainer.fast_dev_run:
