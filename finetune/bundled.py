@@ -1,8 +1,8 @@
 """The bundled recipes (``recipes/*.yaml``) and adapter presets (``adapters/*.yaml``), and the lookup of relative
 paths that recipes name.
 
-A wheel ships them inside the package (``finetune/recipes``, ``finetune/adapters``; see ``pyproject.toml``); in the
-source tree and editable installs they sit beside the package.
+A wheel ships them inside the package (``finetune/recipes``, ``finetune/adapter_presets``; see
+``pyproject.toml``); in the source tree and editable installs they sit beside the package.
 """
 
 import shutil
@@ -11,8 +11,8 @@ from pathlib import Path
 _PACKAGE = Path(__file__).resolve().parent
 
 
-def _folder(name: str) -> Path:
-    for d in (_PACKAGE / name, _PACKAGE.parent / name):
+def _folder(name: str, packaged: str | None = None) -> Path:
+    for d in (_PACKAGE / (packaged or name), _PACKAGE.parent / name):
         if d.is_dir():
             return d
     raise FileNotFoundError(f"the bundled {name}/ folder is missing from {_PACKAGE} and {_PACKAGE.parent}")
@@ -23,7 +23,7 @@ def recipes_dir() -> Path:
 
 
 def adapters_dir() -> Path:
-    return _folder("adapters")
+    return _folder("adapters", "adapter_presets")  # not finetune/adapters: that is the adapters module
 
 
 def bundled() -> dict[str, Path]:

@@ -1,4 +1,5 @@
-"""The ``finetune`` command: ``fit|validate|test|predict`` (LightningCLI over a recipe), ``recipes``, ``demo``."""
+"""The ``finetune`` command: ``fit|validate|test|predict`` (LightningCLI over a recipe), ``recipes``, ``export``,
+``demo``."""
 
 import argparse
 import json
@@ -7,6 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -239,6 +241,64 @@ def _recipe_args(argv: list[str]) -> list[str]:
     return out
 
 
+def _adapter_args(argv: list[str]) -> list[str]:
+    """Lets ``--model.adapter.r=16`` override a preset that a recipe names as a string (``adapter: lora``).
+
+    jsonargparse would replace the string by ``{r: 16}``; so before the first such field, the preset's name is
+    given as ``--model.adapter.preset=lora``, into whose mapping the fields then merge (``Task`` reads it).
+    """
+    out, preset = [], None
+    for i, arg in enumerate(argv):
+        key, eq, value = arg.partition("=")
+        value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+        if key == "--config":
+            preset = _recipe_adapter(value) if value else preset
+        elif key == "--model.adapter":
+            preset = value if value and not value.lstrip().startswith("{") else None
+        elif key.startswith("--model.adapter.") and key != "--model.adapter.preset" and isinstance(preset, str):
+            out.append(f"--model.adapter.preset={preset}")
+            preset = None
+        out.append(arg)
+    return out
+
+
+def _recipe_adapter(path: str):
+    """A recipe's ``model.adapter`` when it is a preset name (a string), else None."""
+    try:
+        model = (yaml.safe_load(Path(path).read_text()) or {}).get("model") or {}
+    except (OSError, yaml.YAMLError):
+        return None  # jsonargparse reports unreadable recipes
+    adapter = (model.get("init_args") or model).get("adapter")
+    return adapter if isinstance(adapter, str) else None
+
+
+def export_command(argv: list[str]) -> int:
+    from finetune.export import DTYPES, export
+
+    parser = argparse.ArgumentParser(
+        prog="finetune export",
+        description="Write a run as a merged Hugging Face model folder (AutoModelFor<Task>.from_pretrained loads it) "
+        "or a PEFT adapter folder (PeftModel.from_pretrained loads it onto the base). Written beside DIR and renamed "
+        "at the end: a failure leaves nothing behind.",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (trainer.default_root_dir of a fit)")
+    parser.add_argument("--ckpt", default="best", help="best (default), last, or a checkpoint path")
+    parser.add_argument("--format", required=True, choices=["merged", "adapter"])
+    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="weights' dtype (default: the base checkpoint's)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty DIR")
+    parser.add_argument("--max-shard-size", type=int, default=5 * 2**30, help="bytes per safetensors shard")
+    args = parser.parse_args(argv)
+    try:
+        out = export(args.run_dir, args.out, format=args.format, ckpt=args.ckpt, dtype=args.dtype,
+                     force=args.force, max_shard_size=args.max_shard_size)  # fmt: skip
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+        print(f"finetune export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported ({args.format}): {out}")
+    return 0
+
+
 def recipes_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="finetune recipes", description="list or copy the bundled recipes")
     sub = parser.add_subparsers(dest="action")
@@ -264,6 +324,8 @@ commands:
                       train or evaluate a recipe (a bundled name or a YAML path); --help on each for every key
   recipes [cp NAME DEST]
                       list the bundled recipes, or copy one out to edit
+  export RUN_DIR --format merged|adapter --out DIR [--ckpt best|last|PATH] [--dtype bf16|fp32] [--force]
+                      a run as a merged Hugging Face model folder, or as a PEFT adapter folder
   demo                convert a small random HF LLaMA, check parity with transformers, generate
 """
 
@@ -275,13 +337,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     if argv and argv[0] == "recipes":
         return recipes_command(argv[1:])
+    if argv and argv[0] == "export":
+        return export_command(argv[1:])
     if argv and argv[0] == "demo":
         parser = argparse.ArgumentParser(prog="finetune demo", description=demo.__doc__)
         parser.add_argument("--max-new-tokens", type=int, default=16)
         parser.add_argument("--seed", type=int, default=0)
         return demo(parser.parse_args(argv[1:]))
     try:
-        argv = _recipe_args(argv)
+        argv = _adapter_args(_recipe_args(argv))
     except FileNotFoundError as e:
         print(f"finetune: error: {e}", file=sys.stderr)
         return 2

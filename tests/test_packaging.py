@@ -1,4 +1,5 @@
-"""A plain (non-editable) install ships the bundled recipes and their data inside the package."""
+"""A plain (non-editable) install ships the bundled recipes, their data and the adapter presets inside the
+package."""
 
 import subprocess
 import sys
@@ -22,19 +23,25 @@ def test_wheel_ships_recipes_and_finds_them(tmp_path):
         assert f"finetune/recipes/{recipe}.yaml" in names
     assert "finetune/recipes/data/quickstart/train.txt" in names
     assert "finetune/recipes/data/quickstart/tokenizer/tokenizer.json" in names
+    from finetune.adapters import presets
+
+    for preset in presets():
+        assert f"finetune/adapter_presets/{preset}.yaml" in names
 
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)  # what pip puts in site-packages
     code = (
         "from finetune import bundled; "
         "print(bundled.recipes_dir()); print(bundled.resolve_path('data/quickstart/train.txt')); "
-        "print(sorted(bundled.bundled()))"
+        "print(sorted(bundled.bundled())); from finetune.adapters import presets, load_spec; "
+        "print(presets()['qlora'].parent); print(load_spec('qlora').quantize)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(site)}, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
-    recipes_dir, train, listed = out.stdout.splitlines()
+    recipes_dir, train, listed, presets_dir, quantize = out.stdout.splitlines()
+    assert presets_dir == str(site / "finetune" / "adapter_presets") and quantize == "nf4"
     assert recipes_dir == str(site / "finetune" / "recipes")
     assert train == str(site / "finetune" / "recipes" / "data" / "quickstart" / "train.txt")
     assert listed == str(sorted(bundled.bundled()))

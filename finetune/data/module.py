@@ -439,6 +439,7 @@ class DataModule(L.LightningDataModule):
             collate_fn=self._collator("train"),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=self._generator(),
         )
 
     def _eval_dataloader(self, split: str) -> torch.utils.data.DataLoader:
@@ -450,7 +451,13 @@ class DataModule(L.LightningDataModule):
             sampler=EvalSampler(len(data), num_replicas=num_replicas, rank=rank),
             collate_fn=self._collator(split),
             num_workers=self.num_workers,
+            generator=self._generator(),
         )
+
+    def _generator(self) -> torch.Generator:
+        """A loader's own generator: each new iterator draws its worker seed from it, not from the global RNG,
+        which would shift the dropout masks of a resumed run (its iterator starts where the first run's didn't)."""
+        return torch.Generator().manual_seed(self.seed)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader | list:
         """The validation loader; an empty list (no validation) when there is no validation data."""

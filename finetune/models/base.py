@@ -45,6 +45,18 @@ class Backbone(nn.Module):
         super().__init__()
         self.gradient_checkpointing = False
 
+    def hf_name(self, name: str) -> str | None:
+        """The Hugging Face name of one of our parameter (or ``module.suffix``) names, by the family's key map."""
+        from finetune.models.hub import _family_of_model
+
+        return _family_of_model(self).key_map.to_hf(name)
+
+    def hf_layout(self) -> list[tuple[str, str, bool]]:
+        """(our name, HF key, transposed) of each tensor of the HF checkpoint; see ``hub.hf_layout``."""
+        from finetune.models.hub import hf_layout
+
+        return hf_layout(self)
+
     # ------------------------------------------------------------------------------------------ init
     def init_weights(self, module: nn.Module | None = None) -> None:
         """GPT/BERT-style init: N(0, init_std) matrices and embeddings, zero biases, unit norms."""

@@ -3,10 +3,13 @@
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -109,18 +112,66 @@ def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     return state, source
 
 
-def _normalize_keys(family: Family, state: dict, source: dict) -> tuple[dict, dict]:
-    # Old checkpoints name LayerNorm parameters gamma/beta; base-model checkpoints lack the head prefix.
-    rename = {k: re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k)) for k in state}
+def _rename_map(family: Family, keys) -> dict[str, str | None]:
+    """Checkpoint key -> our canonical HF key (None: dropped). Old checkpoints name LayerNorm parameters
+    gamma/beta; base-model checkpoints lack the head prefix; an alias stands in for its key only when that is absent."""
+    rename = {k: re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k)) for k in keys}
     if family.hf_prefix and not any(k.startswith(family.hf_prefix) for k in rename.values()):
         rename = {k: v if family.key_map.from_hf(v) else family.hf_prefix + v for k, v in rename.items()}
     names = set(rename.values())
-    for k, v in rename.items():  # an alias stands in for its key only when that key is absent
+    for k, v in rename.items():
         if v in family.aliases:
             rename[k] = family.aliases[v] if family.aliases[v] not in names else None
+    return rename
+
+
+def _normalize_keys(family: Family, state: dict, source: dict) -> tuple[dict, dict]:
+    rename = _rename_map(family, state)
     state = {rename[k]: v for k, v in state.items() if rename[k]}
     source = {rename[k]: v for k, v in source.items() if rename[k]}
     return state, source
+
+
+class LazyWeights(Mapping):
+    """A checkpoint folder's tensors by (normalized) HF key, each read from its file only when asked for, so a
+    whole model never sits in memory (``.bin`` files are memory-mapped)."""
+
+    def __init__(self, folder: Path, family: Family | None = None, *, prefix: str = "") -> None:
+        self.files, keys = {}, {}
+        for file in weight_files(folder):
+            if file.suffix == ".bin":
+                try:
+                    tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                except Exception as e:
+                    raise ValueError(f"{file}: cannot read a PyTorch weights file ({e})") from None
+                self.files[file] = tensors
+                keys.update(dict.fromkeys(tensors, file))
+            else:
+                try:
+                    with safe_open(file, framework="pt") as f:
+                        keys.update(dict.fromkeys(f.keys(), file))  # noqa: SIM118 (safe_open is not a dict)
+                except Exception as e:
+                    raise ValueError(f"{file}: cannot read safetensors ({e})") from None
+        rename = _rename_map(family, keys) if family is not None else {k: k for k in keys}
+        if prefix and not any(k.startswith(prefix) for k in rename.values()):  # saved from the bare base model
+            rename = {k: prefix + v for k, v in rename.items()}
+        self.where = {rename[k]: (keys[k], k) for k in keys if rename[k]}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        file, stored = self.where[key]
+        if file.suffix == ".bin":
+            return self.files[file][stored]
+        try:
+            with safe_open(file, framework="pt") as f:
+                return f.get_tensor(stored)
+        except Exception as e:
+            raise ValueError(f"{file}: cannot read tensor {stored!r} ({e})") from None
+
+    def __iter__(self):
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -162,6 +213,18 @@ def from_config(config: dict) -> Backbone:
     if unknown := sorted(set(config) - known):
         raise TypeError(f"unknown config fields {unknown} for {family.config_cls.__name__}; known: {sorted(known)}")
     return family.model_cls(family.config_cls.from_hf(config))
+
+
+def skeleton(path_or_name: str | os.PathLike, **overrides) -> Backbone:
+    """Our model with a checkpoint's config and structure on the meta device: no weights are read (but the two
+    compared to decide tying); for planning an export."""
+    folder = resolve(path_or_name)
+    hf_config = read_config(folder)
+    family = family_of(hf_config["model_type"], source=str(folder / "config.json"))
+    config = family.config_cls.from_hf({**hf_config, **overrides})
+    _untie_if_distinct(family, config, LazyWeights(folder, family))
+    with torch.device("meta"):
+        return family.model_cls(config).eval()
 
 
 def _untie_if_distinct(family: Family, config, state: dict) -> None:
@@ -229,24 +292,31 @@ def _has(model, name: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ writing
-def hf_state_dict(model: Backbone, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Our weights under Hugging Face names and layouts; a tied output matrix is written once, as HF does."""
+def hf_layout(model: Backbone) -> list[tuple[str, str, bool]]:
+    """(our name, HF key, transposed) of every tensor an HF checkpoint of ``model`` holds, in order: a tied output
+    matrix once (as HF writes it), aliases after the key they copy."""
     family = _family_of_model(model)
     skip = {family.tied[0]} if family.tied and _is_tied(model, family) else set()
-    out = {}
-    for name, tensor in model.state_dict().items():
+    out = []
+    for name in model.state_dict():
         if name in skip:
             continue
         hf_key = family.key_map.to_hf(name)
         if hf_key is None:
             raise KeyError(f"{name!r} has no Hugging Face name in the {family.model_types[0]} key map")
-        tensor = tensor.detach()
-        if family.is_transposed(hf_key):
-            tensor = tensor.t()
-        out[hf_key] = tensor.to(dtype or tensor.dtype).contiguous()
-    for alias, key in family.aliases.items():
-        if key in out:
-            out[alias] = out[key].clone()  # safetensors stores no shared tensors
+        out.append((name, hf_key, family.is_transposed(hf_key)))
+    ours = {h: (n, t) for n, h, t in out}
+    out += [(ours[key][0], alias, ours[key][1]) for alias, key in family.aliases.items() if key in ours]
+    return out
+
+
+def hf_state_dict(model: Backbone, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Our weights under Hugging Face names and layouts; a tied output matrix is written once, as HF does."""
+    state = model.state_dict()
+    out = {}
+    for name, hf_key, transposed in hf_layout(model):
+        tensor = state[name].detach()
+        out[hf_key] = (tensor.t() if transposed else tensor).to(dtype or tensor.dtype).contiguous()
     return out
 
 
@@ -274,12 +344,7 @@ def to_hf(
     Weights past ``max_shard_size`` bytes are split into shards with an index, as ``save_pretrained`` does.
     The folder is written beside the target and renamed at the end, so a failure leaves nothing partial.
     """
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out}: exists and is not empty (pass overwrite=True to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
         config = hf_config(model)
         config.dtype = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")  # what the files hold
         config.save_pretrained(tmp)
@@ -287,33 +352,66 @@ def to_hf(
             from transformers import GenerationConfig
 
             GenerationConfig.from_model_config(config).save_pretrained(tmp)
-        _save_sharded(hf_state_dict(model, dtype=dtype), tmp, max_shard_size)
-        if out.exists():
-            shutil.rmtree(out)
+        state = hf_state_dict(model, dtype=dtype)
+        write_weights(tmp, {k: (t.shape, t.dtype) for k, t in state.items()}, state.__getitem__, max_shard_size)
+    return Path(out_dir)
+
+
+@contextmanager
+def atomic_folder(out_dir: str | os.PathLike, *, overwrite: bool = False):
+    """Yields a temporary folder beside ``out_dir`` that becomes ``out_dir`` when the block succeeds; on any
+    failure it is removed, and an existing ``out_dir`` is left as it was. A non-empty target needs ``overwrite``."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out}: exists and is not empty (pass --force / overwrite=True to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        old = None
+        if out.exists():  # moved aside, not deleted, until the new folder is in place
+            old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
+            out.rename(old)
         tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
-def _save_sharded(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int) -> None:
-    shards, size = [{}], 0
-    for k, t in state.items():
-        nbytes = t.numel() * t.element_size()
+def write_weights(
+    folder: Path,
+    entries: dict[str, tuple[torch.Size, torch.dtype]],
+    get: Callable[[str], torch.Tensor],
+    max_shard_size: int,
+) -> None:
+    """Writes ``get(key)`` for each key (shape and dtype as in ``entries``) into safetensors shards of at most
+    ``max_shard_size`` bytes, one shard in memory at a time; more than one shard gets an index, as in HF."""
+    shards, size = [[]], 0
+    for key, (shape, dtype) in entries.items():
+        nbytes = math.prod(shape) * dtype.itemsize
         if shards[-1] and size + nbytes > max_shard_size:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][k] = t
+        shards[-1].append(key)
         size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    names = (["model.safetensors"] if len(shards) == 1
+             else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])  # fmt: skip
+    for name, keys in zip(names, shards, strict=True):
+        tensors = {}
+        for key in keys:
+            t = get(key)
+            shape, dtype = entries[key]
+            if t.shape != shape:
+                raise ValueError(f"{key}: shape {tuple(t.shape)}, expected {tuple(shape)}")
+            t = t.to(dtype).contiguous()
+            shared = any(t.data_ptr() == u.data_ptr() for u in tensors.values())
+            tensors[key] = t.clone() if shared else t  # safetensors stores no shared tensors (aliases)
+        save_file(tensors, folder / name, metadata={"format": "pt"})
+        del tensors
+    if len(shards) > 1:
+        total = sum(math.prod(s) * d.itemsize for s, d in entries.values())
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {k: n for n, keys in zip(names, shards, strict=True) for k in keys}}  # fmt: skip
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -1,6 +1,8 @@
 """The shared base of every task: model construction on either backend, optimizer and schedule, gradient
 checkpointing, the adapter hook, and one ``MetricCollection`` per stage."""
 
+import contextlib
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -11,11 +13,12 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 from torchmetrics import MetricCollection
 
+from finetune.adapters import checkpoint_weights, inject, load_spec, new_modules
 from finetune.bundled import resolve_path
 from finetune.data.collate import pad_id
 from finetune.models import from_config, from_hf
 from finetune.models.base import Backbone
-from finetune.models.hub import family_of
+from finetune.models.hub import family_of, skeleton
 from finetune.tasks.metrics import MetricSpec
 from finetune.tasks.optim import Schedule, adamw, lr_lambda, param_groups, warmup_steps
 
@@ -43,6 +46,10 @@ class Task(L.LightningModule):
         schedule: learning-rate decay after warmup, per optimizer step.
         min_lr_ratio: the decayed learning rate's floor, as a fraction of ``lr``.
         metrics: names of the validation/test metrics to compute (default: all the task's metrics).
+        adapter: a parameter-efficient adapter (peft): a preset name (``lora``, ``dora``, ``qlora``, ... from
+            ``adapters/``), a preset file, or a mapping ``{preset: lora, r: 16, ...}`` whose fields override the
+            preset's (also ``--model.adapter.r=16``). Only the adapter (and new heads) train, and checkpoints
+            hold only those weights. ``None``: full fine-tuning.
     """
 
     objective: ClassVar[str]
@@ -65,6 +72,7 @@ class Task(L.LightningModule):
         schedule: Schedule = "cosine",
         min_lr_ratio: float = 0.0,
         metrics: list[str] | None = None,
+        adapter: str | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         # Relative paths that don't exist here are looked up in the bundled recipes folder (bundled data).
@@ -86,6 +94,11 @@ class Task(L.LightningModule):
             raise ValueError("model.tokenizer: a model trained from random weights needs a tokenizer folder or hub id")
         self.tokenizer_path = tokenizer or pretrained
         self.tokenizer = _load_tokenizer(self.tokenizer_path)
+        self.adapter_spec = load_spec(adapter) if adapter else None
+        if self.adapter_spec is not None and pretrained is None:
+            raise ValueError("model.adapter: an adapter trains on top of pretrained weights; set model.pretrained")
+        # Adapter checkpoints hold only the trained weights; ``on_load_checkpoint`` checks them instead.
+        self.strict_loading = self.adapter_spec is None
         self.model: nn.Module | None = None
 
     # ------------------------------------------------------------------------------------------- model
@@ -114,20 +127,27 @@ class Task(L.LightningModule):
         """Config fields the task sets on the model (e.g. the labels of a classification head)."""
         return {}
 
-    def build_model(self) -> nn.Module:
-        """The backbone with the task's head, on the chosen backend, from pretrained weights or random."""
+    def build_model(self, *, empty: bool = False) -> nn.Module:
+        """The backbone with the task's head, on the chosen backend, from pretrained weights or random.
+
+        ``empty``: the same structure on the meta device, without reading or initializing weights (for export).
+        """
         p, config = self.hparams.pretrained, dict(self.hparams.config or {})
         overrides = {**config, **self.model_overrides()}
         if self.is_hf:
             import transformers
 
             auto = getattr(transformers, self.auto_class)
-            if p is not None:
+            if p is not None and not empty:
                 return auto.from_pretrained(p, dtype=torch.float32, attn_implementation="sdpa", **overrides)
-            hf_config = transformers.AutoConfig.for_model(**{**self._tokenizer_defaults(), **overrides})
-            return auto.from_config(hf_config, attn_implementation="sdpa")
+            if p is not None:
+                hf_config = transformers.AutoConfig.from_pretrained(p, **overrides)
+            else:
+                hf_config = transformers.AutoConfig.for_model(**{**self._tokenizer_defaults(), **overrides})
+            with torch.device("meta") if empty else contextlib.nullcontext():
+                return auto.from_config(hf_config, attn_implementation="sdpa")
         if p is not None:
-            return from_hf(p, **overrides)
+            return skeleton(p, **overrides) if empty else from_hf(p, **overrides)
         return from_config({**self._tokenizer_defaults(family_of(config["model_type"]).config_cls), **overrides})
 
     def _tokenizer_defaults(self, config_cls=None) -> dict:
@@ -154,9 +174,17 @@ class Task(L.LightningModule):
         else:
             raise ValueError(f"{message}; lower data.max_length")
 
-    def inject_adapter(self, model: nn.Module) -> nn.Module:
-        """Hook for parameter-efficient adapters (peft): returns the model to train. The base trains everything."""
-        return model
+    def inject_adapter(self, model: nn.Module, *, quantize: bool = True) -> nn.Module:
+        """Injects the adapter (peft, in place) when there is one: only it and the modules the pretrained checkpoint
+        lacks (new heads) then train. ``quantize=False`` leaves a QLoRA base unquantized (export dequantizes)."""
+        spec = self.adapter_spec
+        if spec is None:
+            return model
+        from finetune.models.hub import resolve
+
+        heads = new_modules(model, checkpoint_weights(resolve(self.hparams.pretrained), model))
+        spec = spec if quantize else dataclasses.replace(spec, quantize=None)
+        return inject(model, spec, model_type=self.model_type(), heads=heads)
 
     def configure_model(self) -> None:
         """Builds the model once (Lightning calls this on every stage, after the data is set up)."""
@@ -287,13 +315,23 @@ class Task(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -------------------------------------------------------------------------------------- checkpoints
+    def trainable_keys(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The random state, so a resumed run draws the same dropout masks as an uninterrupted one.
         checkpoint["rng"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state()
+        if self.adapter_spec is not None:
+            # What trains, plus a reference to the frozen base (rebuilt from it on load): megabytes, not the model.
+            keep = self.trainable_keys()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+            checkpoint["base"] = {"pretrained": self.hparams.pretrained, "backend": self.hparams.backend}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.adapter_spec is not None or "base" in checkpoint:
+            _check_trainable(set(checkpoint["state_dict"]), self.trainable_keys() if self.model is not None else None)
         rng = checkpoint.get("rng")
         if rng is not None and (self._trainer is None or self.trainer.world_size == 1):
             torch.set_rng_state(rng["torch"])
@@ -309,6 +347,18 @@ def _load_tokenizer(name_or_path: str):
         return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
         raise ValueError(f"model.tokenizer: cannot load a tokenizer from {name_or_path!r}: {e}") from e
+
+
+def _check_trainable(saved: set[str], expected: set[str] | None) -> None:
+    """A trainable-only checkpoint must hold exactly the weights that train here (loading is not strict)."""
+    if expected is None or saved == expected:
+        return
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    raise ValueError(
+        "the checkpoint's trained weights do not match this model's adapter: "
+        f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+        f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}; was it trained with another adapter?"
+    )
 
 
 def _enable_checkpointing(model: nn.Module) -> None:

@@ -1,5 +1,7 @@
 """Sequence classification (single label, optional text pair) on any encoder or decoder backbone."""
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,17 @@ class LastTokenClassifier(nn.Module):
         width = getattr(decoder, decoder.embedding).embedding_dim
         self.score = nn.Linear(width, num_labels, bias=False)
         nn.init.normal_(self.score.weight, std=decoder.init_std)
+
+    def hf_name(self, name: str) -> str | None:
+        """Names as in HF's ``*ForSequenceClassification``: the decoder's own, and ``score``."""
+        if name.startswith("decoder."):
+            return self.decoder.hf_name(name.removeprefix("decoder."))
+        return name if name.startswith("score.") else None
+
+    def hf_layout(self) -> list[tuple[str, str, bool]]:
+        return [(f"decoder.{n}", h, t) for n, h, t in self.decoder.hf_layout()] + [
+            ("score.weight", "score.weight", False)
+        ]
 
     def forward(self, input_ids, *, attention_mask) -> torch.Tensor:
         h = self.decoder.features(input_ids, attention_mask=attention_mask)  # (B, T, C)
@@ -66,12 +79,13 @@ class Classification(Task):
             return {"head": "classification", "id2label": id2label}
         return {}
 
-    def build_model(self) -> nn.Module:
-        model = super().build_model()
+    def build_model(self, *, empty: bool = False) -> nn.Module:
+        model = super().build_model(empty=empty)
         if self.is_hf or isinstance(model, Bert):
             return model
         if isinstance(model, DecoderLM):
-            return LastTokenClassifier(model, self.num_classes())
+            with torch.device("meta") if empty else contextlib.nullcontext():
+                return LastTokenClassifier(model, self.num_classes())
         raise ValueError(
             f"classification from scratch supports BERT and decoder backbones, not {type(model).__name__}; "
             "use backend: hf"

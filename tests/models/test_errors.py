@@ -110,7 +110,7 @@ def test_to_hf_refuses_a_non_empty_folder_and_leaves_nothing_on_failure(hf_folde
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(hub, "_save_sharded", boom)
+    monkeypatch.setattr(hub, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         to_hf(model, target, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left behind
