@@ -1,7 +1,7 @@
 """Memory of a merged LoRA export, ours against HF + PEFT, and the bytes of a QLoRA (NF4) base against bf16.
 
     python scripts/bench_export.py [--hidden 1024 --layers 16 --heads 16 --intermediate 2816 --vocab 32000]
-        [--shard-mb 200 --threads 2 --workdir DIR --keep]
+        [--shard-mb 200 --repeats 3 --threads 2 --workdir DIR --keep]
 
 1. Merged export. A random fp32 LLaMA is saved with ``save_pretrained`` in shards of ``--shard-mb`` (with a tiny
    byte-level tokenizer), one LoRA step (``lora-all-linear``) is trained on it with ``finetune fit``, and the run
@@ -12,8 +12,9 @@
        (the adapter folder comes from ``export(..., format="adapter")``), ``merge_and_unload()``,
        ``save_pretrained(out, max_shard_size=...)``.
    Each child first imports the same libraries; a third child only imports them (the baseline). Peak RSS is
-   ``getrusage(RUSAGE_SELF).ru_maxrss`` at the end of the child (``VmHWM`` is printed beside it as a check); wall
-   time is the work after the imports. Both outputs are then compared tensor by tensor.
+   ``getrusage(RUSAGE_SELF).ru_maxrss`` at the end of the child (checked against ``VmHWM``); wall time is the work
+   after the imports. The three children run ``--repeats`` times, interleaved, and the median is reported with the
+   range (glibc's heap makes peaks vary from run to run). Both outputs are then compared tensor by tensor.
 2. QLoRA base. The same checkpoint is loaded into our from-scratch model (``finetune.models.from_hf``); every
    ``nn.Linear`` but ``lm_head`` is counted at 2 bytes a weight (bf16), then quantized with
    ``finetune.quantize.quantize_nf4`` and counted as stored (``finetune.quantize.nbytes``: packed 4-bit weights
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -152,7 +154,8 @@ def measured(name: str):
         t0 = time.perf_counter()
         EXPORTS[name](a, work)
         wall = time.perf_counter() - t0
-        hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+        status = Path("/proc/self/status").read_text().splitlines()
+        hwm = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
         return {"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "vmhwm_kib": hwm, "wall_s": wall}
 
     return stage
@@ -225,27 +228,33 @@ def run_stage(name: str, work: Path) -> dict:
     return result
 
 
-def report(a, base: dict, fit: dict, m: dict[str, dict], same: dict, q: dict) -> None:
+def report(a, base: dict, fit: dict, m: dict[str, list[dict]], same: dict, q: dict) -> None:
     cpus = len(os.sched_getaffinity(0))
     gb = base["params"] * 4 / 1e9
     print(f"{cpus} CPUs, torch {base['torch']}, transformers {base['transformers']}, {a.threads} threads")
-    print(f"LLaMA hidden {a.hidden}, {a.layers} layers, {a.heads} heads, intermediate {a.intermediate}, vocab {a.vocab}:"
-          f" {base['params'] / 1e6:.0f}M params, {gb:.2f} GB fp32 in {base['shards']} shards of {a.shard_mb} MB;"
-          f" LoRA r=16 on all linear layers, adapter {fit['adapter_mb']:.1f} MiB\n")  # fmt: skip
+    print(f"LLaMA hidden {a.hidden}, {a.layers} layers, {a.heads} heads, intermediate {a.intermediate}, "
+          f"vocab {a.vocab}: {base['params'] / 1e6:.0f}M params, {gb:.2f} GB fp32 in {base['shards']} shards "
+          f"of {a.shard_mb} MB; LoRA r=16 on all linear layers, adapter {fit['adapter_mb']:.1f} MiB\n")  # fmt: skip
 
-    imports = m["imports"]["maxrss_kib"] / 1024
-    hf_extra = m["hf"]["maxrss_kib"] / 1024 - imports
-    print(f"| merged export, fp32, {a.shard_mb} MB shards | peak RSS | peak - imports | vs HF+PEFT | VmHWM | wall |")
-    print("|---|---|---|---|---|---|")
+    peaks = {k: [r["maxrss_kib"] / 1024 for r in rs] for k, rs in m.items()}
+    imports = statistics.median(peaks["imports"])
+    hf_extra = statistics.median(peaks["hf"]) - imports
+    print(f"| merged export, fp32, {a.shard_mb} MB shards | peak RSS, median of {a.repeats} | range "
+          "| peak - imports | vs HF+PEFT | wall |\n|---|---|---|---|---|---|")  # fmt: skip
     rows = [("imports only", "imports"), ("finetune export (streaming)", "ours"), ("HF + PEFT merge_and_unload", "hf")]
     for label, key in rows:
-        r = m[key]
-        peak = r["maxrss_kib"] / 1024
-        extra, ratio = ("-", "-") if key == "imports" else (f"{peak - imports:.0f} MiB", f"{(peak - imports) / hf_extra:.2f}x")
-        wall = "-" if key == "imports" else f"{r['wall_s']:.1f} s"
-        print(f"| {label} | {peak:.0f} MiB | {extra} | {ratio} | {r['vmhwm_kib'] / 1024:.0f} MiB | {wall} |")
-    print(f"\nOutputs: {same['tensors']} tensors, shards ours/HF {same['shards']['ours']}/{same['shards']['hf']}, "
-          f"max |ours - HF| = {same['max_abs_diff']:.3g} (max |merged - base| = {same['max_abs_vs_base']:.3g})\n")  # fmt: skip
+        peak, span = statistics.median(peaks[key]), f"{min(peaks[key]):.0f}-{max(peaks[key]):.0f}"
+        if key == "imports":
+            print(f"| {label} | {peak:.0f} MiB | {span} | - | - | - |")
+            continue
+        wall = statistics.median([r["wall_s"] for r in m[key]])
+        print(f"| {label} | {peak:.0f} MiB | {span} | {peak - imports:.0f} MiB | {(peak - imports) / hf_extra:.2f}x "
+              f"| {wall:.1f} s |")  # fmt: skip
+    # VmHWM is the process's own peak; ru_maxrss would also hold an inherited one (equal up to kernel counter lag)
+    off = max(abs(r["maxrss_kib"] - r["vmhwm_kib"]) / r["vmhwm_kib"] for rs in m.values() for r in rs)
+    print(f"\nru_maxrss within {off:.1%} of VmHWM in every child. Outputs: {same['tensors']} tensors, shards ours/HF "
+          f"{same['shards']['ours']}/{same['shards']['hf']}, max |ours - HF| = {same['max_abs_diff']:.3g} "
+          f"(max |merged - base| = {same['max_abs_vs_base']:.3g})\n")  # fmt: skip
 
     bits = q["nf4_bytes"] * 8 / q["numel"]
     print(f"| QLoRA base: {q['layers']} Linear layers but lm_head, {q['numel'] / 1e6:.0f}M weights "
@@ -258,7 +267,7 @@ def report(a, base: dict, fit: dict, m: dict[str, dict], same: dict, q: dict) ->
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in [("hidden", 1024), ("layers", 16), ("heads", 16), ("intermediate", 2816), ("vocab", 32000),
-                          ("shard-mb", 200), ("threads", 2)]:  # fmt: skip
+                          ("shard-mb", 200), ("repeats", 3), ("threads", 2)]:  # fmt: skip
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--workdir", type=Path, help="where the models go (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -278,7 +287,11 @@ def main() -> None:
     try:
         base = run_stage("base", work)
         fit = run_stage("fit", work)
-        m = {name: run_stage(name, work) for name in EXPORTS}
+        m = {name: [] for name in EXPORTS}
+        for _ in range(a.repeats):  # interleaved
+            for name in EXPORTS:
+                shutil.rmtree(work / name, ignore_errors=True)
+                m[name].append(run_stage(name, work))
         same = run_stage("compare", work)
         q = run_stage("qlora", work)
     finally:
