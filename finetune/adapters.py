@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 from peft import IA3Config, LoraConfig
-from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.constants import (
     TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
@@ -50,6 +50,13 @@ class AdapterSpec:
 
     def peft_config(self, **overrides):
         return self.config_cls(**{**METHODS[self.method][1], **self.fields, **overrides})
+
+    def resolved_config(self, **names):
+        """The peft config with explicit module ``names``; the fields that only guide matching are dropped, as the
+        names were matched already (``resolve``)."""
+        matching = ("layers_to_transform", "layers_pattern", "exclude_modules")
+        fields = {k: v for k, v in self.fields.items() if k not in matching}
+        return self.config_cls(**{**METHODS[self.method][1], **fields, **names})
 
     def default_targets(self, model_type: str) -> list[str]:
         targets = METHODS[self.method][2].get(model_type)
@@ -196,8 +203,7 @@ def resolve(model: nn.Module, spec: AdapterSpec, model_type: str, heads: list[st
     fields = dict(spec.fields)
     mts = [*(fields.get("modules_to_save") or []), *heads]
     out = Resolved(modules_to_save={n: hf for n, hf in names.items() if _matches(hf, mts)})
-    saved = tuple(out.modules_to_save)
-    inside_saved = lambda n: any(n == s or n.startswith(f"{s}.") for s in saved)  # noqa: E731
+    inside_saved = lambda n: _inside(n, out.modules_to_save)  # noqa: E731
     targets = fields.get("target_modules")
     if targets is None:
         targets = fields["target_modules"] = spec.default_targets(model_type)
@@ -232,9 +238,7 @@ def training_config(spec: AdapterSpec, model: nn.Module, resolved: Resolved):
         extra["feedforward_modules"] = sorted(resolved.feedforward)
     else:
         extra["fan_in_fan_out"] = any(isinstance(model.get_submodule(n), Conv1D) for n in resolved.targets)
-    fields = {k: v for k, v in spec.fields.items() if k not in ("layers_to_transform", "layers_pattern")}
-    fields.pop("exclude_modules", None)
-    return spec.peft_config(**{**fields, "target_modules": sorted(resolved.targets), **extra})
+    return spec.resolved_config(target_modules=sorted(resolved.targets), **extra)
 
 
 def inject(model: nn.Module, spec: AdapterSpec, *, model_type: str, heads: list[str]) -> nn.Module:
@@ -257,12 +261,9 @@ def inject(model: nn.Module, spec: AdapterSpec, *, model_type: str, heads: list[
 def quantized_names(model: nn.Module, resolved: Resolved) -> list[str]:
     """QLoRA quantizes every linear layer of the base but the output heads and the trained heads."""
     skip = output_heads(model) | set(resolved.modules_to_save)
-    return [n for n, m in model.named_modules() if is_linear(m) and n not in skip and n not in _children_of(skip, n)]
+    return [n for n, m in model.named_modules() if is_linear(m) and not _inside(n, skip)]
 
 
-def _children_of(parents: set[str], name: str) -> set[str]:
-    return {name} if any(name.startswith(f"{p}.") for p in parents) else set()
-
-
-def tuner_layers(model: nn.Module) -> dict[str, BaseTunerLayer]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+def _inside(name: str, modules) -> bool:
+    """Whether ``name`` is one of ``modules`` or inside one."""
+    return any(name == m or name.startswith(f"{m}.") for m in modules)

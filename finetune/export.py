@@ -315,8 +315,6 @@ def _write_adapter(run: Run, model: nn.Module, folder: Path, *, base: Path | Non
         tensors[f"base_model.model.{hf}"] = t.detach().contiguous()
     save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
 
-    fields = {k: v for k, v in spec.fields.items() if k not in ("layers_to_transform", "layers_pattern")}
-    fields.pop("exclude_modules", None)
     extra = {
         "target_modules": sorted(resolved.targets.values()),
         "modules_to_save": sorted(resolved.modules_to_save.values()) or None,
@@ -326,28 +324,19 @@ def _write_adapter(run: Run, model: nn.Module, folder: Path, *, base: Path | Non
     if spec.method == "ia3":
         extra["feedforward_modules"] = sorted(resolved.feedforward.values())
     else:
-        extra["fan_in_fan_out"] = _hf_is_conv1d(model, resolved)
-    spec.peft_config(**{**fields, **extra}).save_pretrained(folder)
+        extra["fan_in_fan_out"] = _hf_is_conv1d(task, model, resolved)
+    spec.resolved_config(**extra).save_pretrained(folder)
 
 
-def _hf_is_conv1d(model: nn.Module, resolved) -> bool:
-    """Whether the adapted layers are ``Conv1D`` in HF (GPT-2): peft then needs ``fan_in_fan_out``."""
+def _hf_is_conv1d(task: Task, model: nn.Module, resolved) -> bool:
+    """Whether the adapted layers are ``Conv1D`` in HF (GPT-2): peft then needs ``fan_in_fan_out``. Ours are
+    ``nn.Linear``; the key map marks the weights HF stores transposed."""
     from transformers.pytorch_utils import Conv1D
 
-    for name, hf in resolved.targets.items():
-        layer = model.get_submodule(name)
-        base = layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer
-        if isinstance(base, Conv1D):
-            return True
-        if isinstance(_backbone_or_none(model), Backbone) and _family_of_model(_backbone(model)).is_transposed(
-            f"{hf}.weight"
-        ):
-            return True
-    return False
-
-
-def _backbone_or_none(model):
-    return model if isinstance(model, Backbone) else getattr(model, "decoder", None)
+    if task.is_hf:
+        return any(isinstance(model.get_submodule(n).get_base_layer(), Conv1D) for n in resolved.targets)
+    family = _family_of_model(_backbone(model))
+    return any(family.is_transposed(f"{hf}.weight") for hf in resolved.targets.values())
 
 
 def _hub_name(pretrained: str) -> str:
