@@ -1,5 +1,6 @@
 """What every from-scratch model shares: weight init, KV caches, gradient checkpointing, tying."""
 
+import math
 from dataclasses import asdict, fields
 
 import torch
@@ -40,6 +41,9 @@ class Backbone(nn.Module):
     config: HFConfigMixin
     is_encoder_decoder = False
     init_std = 0.02
+    # Projections that write into the residual stream, initialized with std init_std / sqrt(2 * layers) (GPT-2),
+    # so the stream's variance does not grow with depth.
+    scaled_residual_init: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         super().__init__()
@@ -60,9 +64,11 @@ class Backbone(nn.Module):
     # ------------------------------------------------------------------------------------------ init
     def init_weights(self, module: nn.Module | None = None) -> None:
         """GPT/BERT-style init: N(0, init_std) matrices and embeddings, zero biases, unit norms."""
-        for m in (module or self).modules():
+        layers = getattr(self, "layers", ())
+        for name, m in (module or self).named_modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=self.init_std)
+                scaled = name.rpartition(".")[2] in self.scaled_residual_init and len(layers)
+                nn.init.normal_(m.weight, std=self.init_std / (math.sqrt(2 * len(layers)) if scaled else 1))
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
             if hasattr(m, "weight") and not isinstance(m, (nn.Linear, nn.Embedding)) and m.weight is not None:

@@ -41,6 +41,7 @@ class GPT2Config(HFConfigMixin):
 
 class GPT2(DecoderLM):
     embedding = "wte"
+    scaled_residual_init = ("c_proj",)  # attention and MLP output projections, as GPT-2 (and HF) initialize them
 
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()

@@ -184,13 +184,29 @@ def from_hf(path_or_name: str | os.PathLike, *, dtype: torch.dtype = torch.float
     init pass: the model is built on the meta device and filled from the files.
     """
     folder = resolve(path_or_name)
-    hf_config = read_config(folder)
-    family = family_of(hf_config["model_type"], source=str(folder / "config.json"))
+    config, where = read_config(folder), str(folder / "config.json")
+    family_of(config["model_type"], source=where)  # before reading any weights
+    state, source = read_weights(folder)
+    return from_state(config, state, source, dtype=dtype, where=where, **overrides)
+
+
+def from_state(
+    hf_config: dict,
+    state: dict[str, torch.Tensor],
+    source: dict[str, str] | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    where: str = "",
+    **overrides,
+) -> Backbone:
+    """Our model from a Hugging Face config dict and HF-named tensors (``source``: key -> file, for errors)."""
+    family = family_of(hf_config["model_type"], source=where)
     known = {f.name for f in dataclasses.fields(family.config_cls)}
     if unknown := sorted(set(overrides) - known):
         raise TypeError(f"unknown config fields {unknown} for {family.config_cls.__name__}; known: {sorted(known)}")
     config = family.config_cls.from_hf({**hf_config, **overrides})  # derived fields follow the overrides
-    state, source = _normalize_keys(family, *read_weights(folder))
+    source = source if source is not None else dict.fromkeys(state, where or "state dict")
+    state, source = _normalize_keys(family, state, source)
     _untie_if_distinct(family, config, state)
 
     with torch.device("meta"):
