@@ -1,5 +1,5 @@
 """The ``finetune`` command: ``fit|validate|test|predict`` (LightningCLI over a recipe), ``recipes``, ``export``,
-``demo``."""
+``tokenizer``, ``generate``, ``chat``, ``demo``."""
 
 import argparse
 import json
@@ -299,6 +299,143 @@ def export_command(argv: list[str]) -> int:
     return 0
 
 
+def _sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="a run folder (its best checkpoint) or a Hugging Face folder")
+    parser.add_argument("--ckpt", default="best", help="of a run folder: best (default), last, or a checkpoint path")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    parser.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens (default 50)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of mass p")
+    parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same output (default 0)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
+
+
+def _sampling(args: argparse.Namespace):
+    from finetune.inference import Sampling
+
+    top_k = args.top_k if args.top_k and args.top_k > 0 else None
+    return Sampling(args.max_new_tokens, args.temperature, top_k, args.top_p, args.seed)
+
+
+def _device(args: argparse.Namespace) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def generate_command(argv: list[str]) -> int:
+    from finetune import inference
+
+    parser = argparse.ArgumentParser(
+        prog="finetune generate",
+        description="Continue a prompt with a trained model (a run folder or a Hugging Face folder): one --prompt "
+        'printed to stdout, or a JSONL file of {"prompt": ...} rows written as JSONL with an "output" per row.',
+    )
+    _sampling_args(parser)
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the text to continue")
+    src.add_argument("--prompts", metavar="FILE.jsonl", help='one {"prompt": ...} per line')
+    parser.add_argument("--out", metavar="FILE.jsonl", help="with --prompts: write here (default: stdout)")
+    parser.add_argument("--stream", action="store_true", help="with --prompt: print tokens as they come")
+    parser.add_argument(
+        "--draft",
+        metavar="MODEL",
+        help="a smaller model with the same tokenizer: speculative "
+        "decoding (same greedy output, fewer passes of the big model); prints the acceptance rate",
+    )
+    args = parser.parse_args(argv)
+    try:
+        sampling = _sampling(args)
+        rows = inference.read_prompts(Path(args.prompts)) if args.prompts else [{"prompt": args.prompt}]
+        loaded = inference.load(args.model, ckpt=args.ckpt, device=_device(args))
+        draft = None
+        if args.draft:
+            draft = inference.load(args.draft, device=_device(args), what="--draft")
+            inference.check_draft(loaded, draft)
+        outputs, proposed, accepted = [], 0, 0
+        for row in rows:
+            stream = None
+            if args.stream and args.prompt is not None:
+                inference._write(row["prompt"] if not loaded.model.is_encoder_decoder else "")
+                stream = inference.TextStream(loaded.tokenizer, inference._write)
+            text, stats = inference.complete(loaded, row["prompt"], sampling, draft=draft, streamer=stream)
+            outputs.append({**row, "output": text})
+            if stats is not None:
+                proposed, accepted = proposed + stats.proposed, accepted + stats.accepted
+    except (FileNotFoundError, ValueError) as e:
+        print(f"finetune generate: error: {e}", file=sys.stderr)
+        return 2
+    if args.prompt is not None:
+        if args.stream:
+            print(flush=True)
+        else:
+            lead = "" if loaded.model.is_encoder_decoder else args.prompt
+            print(lead + outputs[0]["output"], flush=True)
+    else:
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in outputs)
+        if args.out:
+            out = Path(args.out)
+            tmp = out.with_name(f".{out.name}.partial")
+            tmp.write_text(lines, encoding="utf-8")
+            tmp.replace(out)  # complete or absent
+            print(f"{len(outputs)} outputs written to {args.out}", file=sys.stderr)
+        else:
+            sys.stdout.write(lines)
+    if draft is not None:
+        rate = accepted / proposed if proposed else 0.0
+        print(f"speculative decoding: {accepted}/{proposed} draft tokens accepted ({rate:.1%})", file=sys.stderr)
+    return 0
+
+
+def chat_command(argv: list[str], stdin=None) -> int:
+    from finetune import inference
+
+    parser = argparse.ArgumentParser(
+        prog="finetune chat",
+        description="Talk to a model through its chat template (the run's, the tokenizer's, else ChatML). The "
+        "conversation stays in the model's KV cache between turns. Type /reset to start over, /exit (or Ctrl-D) to "
+        "leave.",
+    )
+    _sampling_args(parser)
+    parser.add_argument("--system", help="a system message opening the conversation")
+    args = parser.parse_args(argv)
+    stdin = stdin or sys.stdin
+    try:
+        loaded = inference.load(args.model, ckpt=args.ckpt, device=_device(args))
+        chat = inference.Chat(loaded, _sampling(args), system=args.system)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"finetune chat: error: {e}", file=sys.stderr)
+        return 2
+    interactive = stdin.isatty()
+    if interactive:
+        print(f"chatting with {loaded.source} (/reset, /exit)", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        text = line.rstrip("\n")
+        if text.strip() == "/reset":
+            chat.reset()
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        if not text.strip():
+            continue
+        try:
+            chat.say(text, streamer=inference.TextStream(loaded.tokenizer, inference._write))
+        except ValueError as e:  # the conversation no longer fits the context
+            print(f"\n{e}; /reset to start over", file=sys.stderr)
+            continue
+        print(flush=True)
+
+
+def tokenizer_cli(argv: list[str]) -> int:
+    from finetune.tokenizer import tokenizer_command
+
+    return tokenizer_command(argv)
+
+
 def recipes_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="finetune recipes", description="list or copy the bundled recipes")
     sub = parser.add_subparsers(dest="action")
@@ -326,6 +463,13 @@ commands:
                       list the bundled recipes, or copy one out to edit
   export RUN_DIR --format merged|adapter --out DIR [--ckpt best|last|PATH] [--dtype bf16|fp32] [--force]
                       a run as a merged Hugging Face model folder, or as a PEFT adapter folder
+  tokenizer train --files F [F ...] --vocab-size N --out DIR
+                      train a byte-level BPE tokenizer (ours; transformers and tokenizers load it)
+  generate MODEL --prompt TEXT | --prompts FILE.jsonl [--max-new-tokens --temperature --top-k --top-p --seed
+                   --stream --draft SMALL_MODEL]
+                      continue prompts with a run folder or a Hugging Face folder
+  chat MODEL [--system TEXT]
+                      talk to a model through its chat template, the conversation kept in the KV cache
   demo                convert a small random HF LLaMA, check parity with transformers, generate
 """
 
@@ -339,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
         return recipes_command(argv[1:])
     if argv and argv[0] == "export":
         return export_command(argv[1:])
+    commands = {"generate": generate_command, "chat": chat_command, "tokenizer": tokenizer_cli}
+    if argv[0] in commands:
+        return commands[argv[0]](argv[1:])
     if argv and argv[0] == "demo":
         parser = argparse.ArgumentParser(prog="finetune demo", description=demo.__doc__)
         parser.add_argument("--max-new-tokens", type=int, default=16)

@@ -825,37 +825,15 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def train_tokenizer(lines: list[str], out: Path, check: list[str]) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)  # offsets only; adds no special tokens
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        min_frequency=2,
-        special_tokens=[EOS, PAD],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(lines, trainer=trainer, length=len(lines))
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=EOS,
-        eos_token=EOS,
-        unk_token=EOS,
-        pad_token=PAD,
-        clean_up_tokenization_spaces=False,
-    )
+    from finetune.tokenizer import train_bpe
+
+    # Our trainer learns the merges tokenizers' BpeTrainer would (same vocabulary, same tokenizer.json).
+    tok = train_bpe(iter(lines), vocab_size=VOCAB_SIZE, special_tokens=(EOS, PAD), min_frequency=2)
     if out.exists():
         shutil.rmtree(out)
-    fast.save_pretrained(str(out))
-    # transformers 5 writes its new class name; the old one is an alias there and also loads on transformers 4.x
-    config_path = out / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    write_text(config_path, json.dumps(config, indent=2) + "\n")
+    tok.save(out, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=PAD)  # ByteLevel post-processor: no BOS
 
     loaded = AutoTokenizer.from_pretrained(str(out))
     assert loaded.bos_token == EOS and loaded.eos_token == EOS and loaded.pad_token == PAD, loaded
@@ -863,7 +841,8 @@ def train_tokenizer(lines: list[str], out: Path, check: list[str]) -> None:
     ids = loaded(check[0])["input_ids"]
     assert ids == loaded.encode(check[0]) and not {loaded.eos_token_id, loaded.pad_token_id} & set(ids), "adds specials"
     for line in check:
-        assert loaded.decode(loaded.encode(line)) == line, line
+        ids = loaded.encode(line)
+        assert tok.encode(line) == ids and loaded.decode(ids) == line, line
 
 
 def main() -> None:

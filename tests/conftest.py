@@ -216,3 +216,17 @@ def stand_in(tmp_path_factory):
         return cache[arch]
 
     return get
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _finetune_cache(tmp_path_factory):
+    """Tokenizers trained for recipes are cached in a temporary folder, not the user's cache."""
+    import os
+
+    old = os.environ.get("FINETUNE_CACHE")
+    os.environ["FINETUNE_CACHE"] = str(tmp_path_factory.mktemp("finetune-cache"))
+    yield
+    if old is None:
+        os.environ.pop("FINETUNE_CACHE", None)
+    else:
+        os.environ["FINETUNE_CACHE"] = old

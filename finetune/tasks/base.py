@@ -36,7 +36,9 @@ class Task(L.LightningModule):
             (the ``transformers`` ``AutoModelFor...`` class of the task).
         config: Hugging Face config fields. Without ``pretrained`` they define the random model and must include
             ``model_type``; with it they override the checkpoint's config (e.g. dropout).
-        tokenizer: a tokenizer folder or hub id; default: ``pretrained``.
+        tokenizer: a tokenizer folder or hub id (default: ``pretrained``); or one to train from scratch on a corpus
+            (``finetune.tokenizer``, byte-level BPE): ``{train_files: [...], vocab_size: N, special_tokens: [...],
+            min_frequency: 2}``, cached by the files' content, so a resumed run reuses it.
         gradient_checkpointing: recompute activations in the backward pass (``use_reentrant=False``).
         lr: peak learning rate of AdamW.
         weight_decay: decoupled weight decay, applied to matrices only (not norms, biases or embeddings).
@@ -62,7 +64,7 @@ class Task(L.LightningModule):
         *,
         backend: Backend = "scratch",
         config: dict[str, Any] | None = None,
-        tokenizer: str | None = None,
+        tokenizer: str | dict[str, Any] | None = None,
         gradient_checkpointing: bool = False,
         lr: float = 3e-4,
         weight_decay: float = 0.0,
@@ -77,8 +79,12 @@ class Task(L.LightningModule):
         super().__init__()
         # Relative paths that don't exist here are looked up in the bundled recipes folder (bundled data).
         pretrained = resolve_path(pretrained) if pretrained else pretrained
-        tokenizer = resolve_path(tokenizer) if tokenizer else tokenizer
+        tokenizer = resolve_path(tokenizer) if isinstance(tokenizer, str) else tokenizer
         self.save_hyperparameters()
+        if isinstance(tokenizer, dict):  # one to train on the corpus (cached: a resumed run reuses it)
+            from finetune.tokenizer.cache import trained_tokenizer
+
+            tokenizer = str(trained_tokenizer(tokenizer, resolve=resolve_path))
         if pretrained is None and not config:
             raise ValueError(
                 "model: give `pretrained` (a Hugging Face folder or hub id) or `config` (with `model_type`) to start "

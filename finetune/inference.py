@@ -1,0 +1,276 @@
+"""Talking to a model: load a run folder or a Hugging Face folder as our from-scratch model with its tokenizer, and
+the ``finetune generate`` / ``finetune chat`` loops over it.
+
+A run is loaded with its adapter merged in memory (the same per-layer peft merge as ``finetune export``), so
+generation runs the plain model at full speed; a run on the ``hf`` backend is converted to our model, since the
+KV-cache generation, the chat session and speculative decoding are ours.
+"""
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from finetune.data.templates import CHATML, tokenizer_chat_template
+from finetune.models.base import Backbone
+
+# Files any one of which means "this folder has a tokenizer" (fast, BPE pair, SentencePiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+
+
+@dataclass
+class Loaded:
+    """A model ready to generate: our backbone (eval mode), its tokenizer, and what ends a generation."""
+
+    model: Backbone
+    tokenizer: object
+    source: str
+    stop_ids: list[int] = field(default_factory=list)
+    chat_template: str | None = None  # the run's data.chat_template, which wins over the tokenizer's
+
+    @property
+    def context(self) -> int | None:
+        c = self.model.config
+        return getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None)
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        if not ids:  # an empty prompt: start from BOS (else EOS), as a document would
+            bos = self.tokenizer.bos_token_id
+            ids = [bos if bos is not None else self.tokenizer.eos_token_id]
+        return ids
+
+
+def load(path: str | Path, *, ckpt: str = "best", device: str = "cpu", what: str = "MODEL") -> Loaded:
+    """A run folder (``config.yaml``: its ``ckpt``, adapter merged) or a Hugging Face folder (``config.json``)."""
+    folder = Path(path)
+    if (folder / "config.yaml").is_file():
+        loaded = _load_run(folder, ckpt)
+    elif (folder / "config.json").is_file():
+        loaded = _load_hf(folder)
+    elif folder.exists():
+        raise FileNotFoundError(f"{what} {folder}: neither a run folder (config.yaml) nor a Hugging Face model folder "
+                                "(config.json)")  # fmt: skip
+    else:
+        raise FileNotFoundError(f"{what} {folder}: no such folder")
+    loaded.model.to(device)
+    return loaded
+
+
+def _load_hf(folder: Path) -> Loaded:
+    from transformers import AutoTokenizer
+
+    from finetune.models import from_hf
+
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{folder}: has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer the model was "
+            "trained with into it (tokenizer.save_pretrained), or generate from the run folder"
+        )
+    model = from_hf(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return Loaded(model, tokenizer, str(folder), _stop_ids(model, tokenizer, folder / "generation_config.json"))
+
+
+def _load_run(folder: Path, ckpt: str) -> Loaded:
+    import yaml
+
+    from finetune.export import Values, _config, _models, hf_layout, load_run
+    from finetune.models.hub import from_state
+
+    run = load_run(folder, ckpt)
+    task = run.task
+    if task.objective not in ("causal_lm", "seq2seq"):
+        raise ValueError(f"{folder}: a {type(task).__name__} run does not generate text; give a causal LM or "
+                         "seq2seq run")  # fmt: skip
+    if not (folder / "tokenizer").is_dir():
+        raise FileNotFoundError(f"{folder}: no tokenizer/ folder (written when a fit starts); not a complete run")
+    plain, tuned = _models(run)
+    values = Values(run, plain, tuned, merge=True)  # the adapter merged per layer, as in export
+    state = {}
+    for name, hf_key, transposed in hf_layout(plain):
+        t = values(name)
+        state[hf_key] = t.t() if transposed else t
+    model = from_state(_config(task, plain).to_dict(), state, where=str(run.ckpt))
+    data = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("data") or {}
+    return Loaded(model, task.tokenizer, str(folder), _stop_ids(model, task.tokenizer), data.get("chat_template"))
+
+
+def _stop_ids(model: Backbone, tokenizer, generation_config: Path | None = None) -> list[int]:
+    """EOS ids: the generation config's (Llama 3 lists several), the model config's and the tokenizer's."""
+    ids = []
+    if generation_config is not None and generation_config.is_file():
+        ids.append(json.loads(generation_config.read_text()).get("eos_token_id"))
+    ids += [getattr(model.config, "eos_token_id", None), tokenizer.eos_token_id]
+    flat = [i for x in ids for i in (x if isinstance(x, list) else [x])]
+    return list(dict.fromkeys(i for i in flat if i is not None))
+
+
+# ------------------------------------------------------------------------------------------ text out
+class TextStream:
+    """Turns tokens into printable text as they come: decodes the whole answer each time and prints what is new,
+    holding back an incomplete UTF-8 character (a byte-level token may carry half of one)."""
+
+    def __init__(self, tokenizer, write: Callable[[str], None]) -> None:
+        self.tokenizer, self.write = tokenizer, write
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def __call__(self, tok) -> None:
+        self.ids.append(int(tok.reshape(-1)[0]) if isinstance(tok, torch.Tensor) else int(tok))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        self.write(text[self.printed :])
+        self.printed = len(text)
+
+
+def read_prompts(path: Path) -> list[dict]:
+    """Rows of a JSONL file, each with a string ``prompt`` (other keys are carried to the output). All rows are
+    checked before the first is generated, so a bad row costs nothing."""
+    rows = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the prompts file ({e})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f'{path}: line {n}: expected an object with a string "prompt", got {line.strip()[:80]}')
+        rows.append(row)
+    if not rows:
+        raise ValueError(f'{path}: no prompts (expected one JSON object per line with a "prompt")')
+    return rows
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+# ------------------------------------------------------------------------------------------ generate
+@dataclass
+class Sampling:
+    max_new_tokens: int = 128
+    temperature: float = 0.8
+    top_k: int | None = 50
+    top_p: float | None = None
+    seed: int | None = 0
+
+    def kwargs(self) -> dict:
+        return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                    top_p=self.top_p)  # fmt: skip
+
+
+def complete(
+    loaded: Loaded,
+    prompt: str,
+    sampling: Sampling,
+    *,
+    draft: Loaded | None = None,
+    streamer: Callable | None = None,
+):
+    """The continuation of ``prompt`` (decoders) or the output for it (encoder-decoders), as text; with the
+    speculative-decoding stats when there is a ``draft`` model (else None)."""
+    from finetune.generation import generate, speculative_generate
+
+    model = loaded.model
+    ids = torch.tensor([loaded.encode(prompt)], device=next(model.parameters()).device)  # (1, T)
+    common = dict(sampling.kwargs(), seed=sampling.seed, eos_token_id=loaded.stop_ids, streamer=streamer)
+    stats = None
+    if draft is not None:
+        out, stats = speculative_generate(model, draft.model, ids, **common)
+    else:
+        out = generate(model, ids, **common)
+    start = 1 if model.is_encoder_decoder else ids.size(1)  # decoders return the prompt, T5 its start token
+    return loaded.tokenizer.decode(out[0, start:].tolist(), skip_special_tokens=True), stats
+
+
+def check_draft(target: Loaded, draft: Loaded) -> None:
+    """A draft proposes token ids for the target: both must share one vocabulary."""
+    if target.model.is_encoder_decoder or draft.model.is_encoder_decoder:
+        raise ValueError("--draft: speculative decoding is for decoder-only models")
+    t, d = target.tokenizer.get_vocab(), draft.tokenizer.get_vocab()
+    if t != d:
+        diff = sorted(set(t.items()) ^ set(d.items()))[:3]
+        raise ValueError(f"--draft {draft.source}: its tokenizer differs from the target's ({len(d)} vs {len(t)} "
+                         f"tokens; first differences {diff}); the draft must use the target's tokenizer")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ chat
+class Chat:
+    """A conversation through the model's chat template, kept in the model's KV cache between turns.
+
+    Each turn renders the whole conversation, and only the tokens after what the cache already holds are run
+    through the model. Should a template render earlier turns differently later (not prefix-stable), the cache
+    is rebuilt from the full conversation (counted in ``refed``), so answers are always those of the full text.
+    """
+
+    def __init__(self, loaded: Loaded, sampling: Sampling, *, system: str | None = None) -> None:
+        from finetune.generation import Session
+
+        if loaded.model.is_encoder_decoder:
+            raise ValueError(f"{loaded.source}: chat needs a decoder-only model")
+        self.loaded, self.sampling, self.system = loaded, sampling, system
+        tok = loaded.tokenizer
+        self.template = loaded.chat_template or tokenizer_chat_template(tok) or CHATML
+        self.end_of_turn = _end_of_turn(tok, self.template)
+        end_id = tok(self.end_of_turn, add_special_tokens=False)["input_ids"] if self.end_of_turn else []
+        self.stop_ids = loaded.stop_ids + (end_id if len(end_id) == 1 else [])
+        self.session = Session(loaded.model)
+        self.generator = None
+        if sampling.seed is not None:
+            device = next(loaded.model.parameters()).device
+            self.generator = torch.Generator(device=device).manual_seed(sampling.seed)
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.cached: list[int] = []  # the ids the session holds: prompts and answers
+        self.refed = 0
+        self.session.reset()
+
+    def say(self, text: str, streamer: Callable | None = None) -> str:
+        """The model's answer to the user's ``text``; the conversation grows by both (not on an error)."""
+        from finetune.data.templates import render
+
+        tok = self.loaded.tokenizer
+        messages = [*self.messages, {"role": "user", "content": text}]
+        ids = tok(render(tok, self.template, messages, True), add_special_tokens=False)["input_ids"]
+        reuse = ids[: len(self.cached)] == self.cached
+        if not reuse:
+            self.session.reset()
+            self.refed += len(self.cached)
+        new = ids[len(self.cached) :] if reuse else ids
+        s = self.sampling
+        answer = self.session.generate(
+            new, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+            generator=self.generator, stop_ids=self.stop_ids, streamer=streamer,
+        )  # fmt: skip
+        self.cached = ids + answer
+        reply = tok.decode(answer, skip_special_tokens=True)
+        if self.end_of_turn and self.end_of_turn in reply:  # an end marker that is not one token
+            reply = reply[: reply.index(self.end_of_turn)]
+        self.messages = [*messages, {"role": "assistant", "content": reply.strip()}]
+        return reply
+
+
+def _end_of_turn(tokenizer, template: str) -> str | None:
+    """What the template writes after an assistant message (``<|im_end|>``, ``<|eot_id|>``, ``</s>``), if any."""
+    from finetune.data.templates import render
+
+    mark = "\x00answer\x00"
+    try:
+        text = render(tokenizer, template, [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}],
+                      False)  # fmt: skip
+    except Exception:
+        return None
+    return text[text.rindex(mark) + len(mark) :].strip() or None if mark in text else None
