@@ -359,6 +359,8 @@ def generate_command(argv: list[str]) -> int:
                 inference._write(row["prompt"] if not loaded.model.is_encoder_decoder else "")
                 stream = inference.TextStream(loaded.tokenizer, inference._write)
             text, stats = inference.complete(loaded, row["prompt"], sampling, draft=draft, streamer=stream)
+            if stream is not None:
+                stream.end()
             outputs.append({**row, "output": text})
             if stats is not None:
                 proposed, accepted = proposed + stats.proposed, accepted + stats.accepted
@@ -422,11 +424,13 @@ def chat_command(argv: list[str], stdin=None) -> int:
             continue
         if not text.strip():
             continue
+        stream = inference.TextStream(loaded.tokenizer, inference._write)
         try:
-            chat.say(text, streamer=inference.TextStream(loaded.tokenizer, inference._write))
+            chat.say(text, streamer=stream)
         except ValueError as e:  # the conversation no longer fits the context
             print(f"\n{e}; /reset to start over", file=sys.stderr)
             continue
+        stream.end()
         print(flush=True)
 
 

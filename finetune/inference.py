@@ -121,8 +121,15 @@ class TextStream:
 
     def __call__(self, tok) -> None:
         self.ids.append(int(tok.reshape(-1)[0]) if isinstance(tok, torch.Tensor) else int(tok))
+        self._flush(final=False)
+
+    def end(self) -> None:
+        """Prints what was held back: the answer ended inside a character (its text keeps the replacement mark)."""
+        self._flush(final=True)
+
+    def _flush(self, final: bool) -> None:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        if text.endswith("\ufffd") and not final:
             return
         self.write(text[self.printed :])
         self.printed = len(text)

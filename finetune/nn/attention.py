@@ -29,16 +29,24 @@ class KVCache:
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Appends (B, H_kv, T, D) and returns all keys and values so far, (B, H_kv, size, D)."""
-        end = self.size + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache is full: {self.size} + {k.size(2)} tokens exceed its max_len {self.max_len}")
-        self.k[:, :, self.size : end] = k
-        self.v[:, :, self.size : end] = v
-        self.size = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        start, T = self.size, k.size(2)
+        if start + T > self.max_len:
+            raise ValueError(f"KV cache is full: {start} + {T} tokens exceed its max_len {self.max_len}")
+        # narrow + copy_ rather than slice assignment: the same write, with less Python indexing per step.
+        self.k.narrow(2, start, T).copy_(k)
+        self.v.narrow(2, start, T).copy_(v)
+        self.size = start + T
+        return self.k.narrow(2, 0, self.size), self.v.narrow(2, 0, self.size)
 
     def get(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[:, :, : self.size], self.v[:, :, : self.size]
+        return self.k.narrow(2, 0, self.size), self.v.narrow(2, 0, self.size)
+
+    def truncate(self, size: int) -> None:
+        """Forgets every position from ``size`` on (rejected draft tokens, a failed turn): O(1), nothing is copied.
+        Later writes overwrite the stale entries, and reads never go past ``size``."""
+        if not 0 <= size <= self.size:
+            raise ValueError(f"cannot truncate a KV cache of {self.size} tokens to {size}")
+        self.size = size
 
     def reset(self) -> None:
         self.size = 0
@@ -105,7 +113,7 @@ class Attention(nn.Module):
         self.add_module(names.o, nn.Linear(q_out, dim, bias=o_bias))
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:  # (B, T, n*D) -> (B, n, T, D)
-        return x.unflatten(-1, (n, self.head_dim)).transpose(1, 2)
+        return x.view(*x.shape[:-1], n, self.head_dim).transpose(1, 2)
 
     def forward(
         self,
@@ -119,23 +127,27 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x: (B, T, C). context: (B, S, C') for cross-attention. mask: bool (True = attend) or additive float,
         broadcastable to (B, H, T, S). rope: (cos, sin), each (B, T, D). Returns (B, T, C)."""
-        n = self.names
+        # Projections are looked up in _modules directly: nn.Module.__getattr__ is a slow fallback, and decoding
+        # calls this once per layer per token.
+        n, modules = self.names, self._modules
         if n.qkv:
-            q, k, v = getattr(self, n.qkv)(x).split(
+            q, k, v = modules[n.qkv](x).split(
                 [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
             )
             q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
         else:
-            q = self._heads(getattr(self, n.q)(x), self.n_heads)  # (B, H, T, D)
+            q = self._heads(modules[n.q](x), self.n_heads)  # (B, H, T, D)
             if context is not None and cache is not None and cache.size:
                 k, v = cache.get()  # cross-attention: the encoder's keys and values never change
                 cache = None
             else:
                 src = x if context is None else context
-                k = self._heads(getattr(self, n.k)(src), self.n_kv_heads)  # (B, H_kv, S, D)
-                v = self._heads(getattr(self, n.v)(src), self.n_kv_heads)
+                k = self._heads(modules[n.k](src), self.n_kv_heads)  # (B, H_kv, S, D)
+                v = self._heads(modules[n.v](src), self.n_kv_heads)
         if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            # Queries and keys rotated in one go: half the small ops of two calls, and decoding is op-bound.
+            qk = apply_rotary(torch.cat((q, k), dim=1), *rope)  # (B, H + H_kv, T, D)
+            q, k = qk.split((self.n_heads, self.n_kv_heads), dim=1)
         if cache is not None:
             k, v = cache.update(k, v)
         y = F.scaled_dot_product_attention(
@@ -148,7 +160,7 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, H, T, D)
-        return getattr(self, n.o)(y.transpose(1, 2).flatten(2))  # (B, T, C)
+        return modules[n.o](y.transpose(1, 2).flatten(2))  # (B, T, C)
 
 
 def build_mask(

@@ -6,6 +6,10 @@ from torch import nn
 from finetune.nn.attention import Attention
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class PreNormBlock(nn.Module):
     """``x + attn(norm(x))`` [``+ cross_attn(norm(x), context)``] ``+ mlp(norm(x))``.
 
@@ -44,11 +48,14 @@ class PreNormBlock(nn.Module):
         context_mask=None,
         cross_cache=None,
     ) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
-        x = x + self.dropout(self.attn(self.attn_norm(x), mask=mask, is_causal=is_causal, rope=rope, cache=cache))
+        # Dropout only where it does something: decoding runs this once per layer per token, and a no-op module
+        # call costs as much as a small matmul there.
+        drop = self.dropout if self.training and self.dropout.p > 0 else _identity
+        x = x + drop(self.attn(self.attn_norm(x), mask=mask, is_causal=is_causal, rope=rope, cache=cache))
         if self.cross_attn is not None:
             h = self.cross_attn(self.cross_attn_norm(x), context=context, mask=context_mask, cache=cross_cache)
-            x = x + self.dropout(h)
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+            x = x + drop(h)
+        return x + drop(self.mlp(self.mlp_norm(x)))
 
 
 class PostNormBlock(nn.Module):

@@ -78,4 +78,5 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         gate, up, down = (getattr(self, n) for n in self.names)
-        return down(self.dropout(self.act(gate(x)) * up(x)))
+        h = self.act(gate(x)) * up(x)
+        return down(self.dropout(h) if self.training and self.dropout.p > 0 else h)  # no no-op call per token

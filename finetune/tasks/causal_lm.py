@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from finetune.generation import generate
+from finetune.generation import context_length, generate
 from finetune.nn import build_mask
 from finetune.tasks.base import Task
 from finetune.tasks.metrics import LM_METRICS
@@ -82,15 +82,18 @@ class CausalLM(Task):
 
     # -------------------------------------------------------------------------------------- generation
     @torch.no_grad()
-    def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int | None = 0):
+    def generate_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int | None = 0, max_new_tokens=None
+    ):
         """Left-padded prompts (B, T) -> generated continuations (B, max_new_tokens), EOS-terminated rows padded."""
         h, tok, pad = self.hparams, self.tokenizer, self.pad_token_id
+        max_new_tokens = max_new_tokens or h.max_new_tokens
         if self.is_hf:
             sampling = h.temperature > 0
             out = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                max_new_tokens=h.max_new_tokens,
+                max_new_tokens=max_new_tokens,
                 do_sample=sampling,
                 temperature=h.temperature if sampling else None,
                 top_k=h.top_k if sampling else None,
@@ -103,7 +106,7 @@ class CausalLM(Task):
                 self.model,
                 input_ids,
                 attention_mask,
-                max_new_tokens=h.max_new_tokens,
+                max_new_tokens=max_new_tokens,
                 temperature=h.temperature,
                 top_k=h.top_k,
                 top_p=h.top_p,
@@ -124,10 +127,15 @@ class CausalLM(Task):
             bos = self.tokenizer.bos_token_id
             ids = [bos if bos is not None else self.tokenizer.eos_token_id]
         x = torch.tensor([ids], device=self.device)
+        budget = self.hparams.max_new_tokens  # a demo sample: as much as fits the context
+        if (context := context_length(self.model)) is not None:
+            budget = min(budget, context[0] - len(ids))
+        if budget < 1:
+            return prompt
         was_training = self.model.training
         self.model.eval()
         try:
-            new = self.generate_ids(x, torch.ones_like(x))
+            new = self.generate_ids(x, torch.ones_like(x), max_new_tokens=budget)
         finally:
             self.model.train(was_training)
         return prompt + self.decode(new)[0]

@@ -141,3 +141,41 @@ def test_cache_overflow_is_an_error():
     cache.update(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2))
     with pytest.raises(ValueError, match="KV cache is full: 3 \\+ 2 tokens exceed its max_len 4"):
         cache.update(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
+
+
+@pytest.mark.parametrize("arch, field", [("gpt2", "n_positions"), ("llama", "max_position_embeddings")])
+def test_prompt_over_the_context_is_refused(stand_in, arch, field):
+    model = from_hf(stand_in(arch))  # context 64
+    ids = lambda T: torch.randint(3, 300, (1, T))  # noqa: E731
+    with pytest.raises(ValueError, match=f"prompt is 64 tokens, at or over the model's context of 64 \\({field}\\)"):
+        generate(model, ids(64), max_new_tokens=1)
+    msg = f"prompt is 60 tokens and max_new_tokens 8, over the model's context of 64 \\({field}\\): shorten the prompt "
+    with pytest.raises(ValueError, match=msg + "or lower max_new_tokens to 4"):
+        generate(model, ids(60), max_new_tokens=8)  # no silent truncation to 4 tokens
+    assert generate(model, ids(60), max_new_tokens=4, eos_token_id=[]).shape == (1, 64)  # exactly full: fine
+
+
+def test_t5_has_no_context_limit(hf_folder):
+    _, folder = hf_folder("t5-v1_1")
+    out = generate(from_hf(folder), torch.randint(3, V, (1, 100)), max_new_tokens=3, eos_token_id=[])
+    assert out.shape == (1, 4)
+
+
+def test_cache_truncate_forgets_the_tail():
+    from finetune.nn import KVCache
+
+    cache = KVCache(batch_size=1, max_len=6, n_kv_heads=1, head_dim=2, dtype=torch.float32, device="cpu")
+    cache.update(torch.ones(1, 1, 4, 2), torch.ones(1, 1, 4, 2))
+    cache.truncate(2)
+    k, v = cache.update(torch.full((1, 1, 3, 2), 2.0), torch.full((1, 1, 3, 2), 3.0))
+    assert cache.size == 5 and k[0, 0, :, 0].tolist() == [1, 1, 2, 2, 2] and v[0, 0, :, 0].tolist() == [1, 1, 3, 3, 3]
+    with pytest.raises(ValueError, match="cannot truncate a KV cache of 5 tokens to 6"):
+        cache.truncate(6)
+
+
+def test_context_length_reads_hf_models_too(hf_folder):
+    from finetune.generation import context_length
+
+    assert context_length(hf_folder("gpt2")[0]) == (64, "n_positions")
+    assert context_length(hf_folder("llama-gqa")[0]) == (64, "max_position_embeddings")
+    assert context_length(hf_folder("t5-v1_1")[0]) is None and context_length(from_hf(hf_folder("t5-v1_1")[1])) is None

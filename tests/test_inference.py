@@ -1,0 +1,206 @@
+"""``finetune generate`` and ``finetune chat``: reproducible, equal to ``transformers`` where they should be, chat
+context kept in the KV cache, speculative decoding invisible in the output, and clear errors."""
+
+import io
+import json
+
+import pytest
+import torch
+import transformers as T
+
+from finetune import inference
+from finetune.cli import chat_command, generate_command
+from finetune.data.templates import CHATML, render
+from finetune.export import export
+from tests.export.test_export import train
+
+SPECIALS = ["<|endoftext|>", "<pad>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "once upon a time there was a little fox who lived in the forest",
+    "the cat sat on the mat and looked at the moon. the dog ran after the ball",
+    "user assistant hello how are you today? I am fine, thank you. what is your name?",
+    "one two three four five six seven eight nine ten eleven twelve",
+]
+
+
+def tiny_llama(folder, *, seed: int = 0, layers: int = 2, hidden: int = 64, context: int = 256):
+    """A random LLaMA with unit-scale weights (greedy outputs vary with the context) and a ChatML tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=alphabet, show_progress=False
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                     pad_token="<pad>", chat_template=CHATML)  # fmt: skip
+    fast.save_pretrained(folder)
+    config = T.LlamaConfig(
+        vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context, initializer_range=0.3,
+        bos_token_id=0, eos_token_id=0, pad_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    T.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def run_generate(capsys, *args: str) -> tuple[int, str, str]:
+    code = generate_command(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# ----------------------------------------------------------------------------------------------- generate
+def test_seeded_sampling_is_reproducible(model_dir, capsys):
+    args = [str(model_dir), "--prompt", "once upon a time", "--temperature", "1.0", "--max-new-tokens", "24"]
+    first = run_generate(capsys, *args, "--seed", "3")
+    again = run_generate(capsys, *args, "--seed", "3")
+    other = run_generate(capsys, *args, "--seed", "4")
+    assert first[0] == 0 and first == again
+    assert first[1].startswith("once upon a time") and len(first[1]) > len("once upon a time\n")
+    assert other[1] != first[1]
+
+
+def test_greedy_equals_transformers_generate(model_dir, capsys):
+    prompt = "the cat sat on the"
+    code, out, _ = run_generate(capsys, str(model_dir), "--prompt", prompt, "--temperature", "0",
+                                "--max-new-tokens", "20")  # fmt: skip
+    tok = T.AutoTokenizer.from_pretrained(model_dir)
+    hf = T.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = tok(prompt, return_tensors="pt").input_ids
+    ref = hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=1)
+    assert code == 0 and out == prompt + tok.decode(ref[0, ids.size(1) :], skip_special_tokens=True) + "\n"
+
+
+def test_stream_prints_the_same_text(model_dir, capsys):
+    args = [str(model_dir), "--prompt", "hello how are", "--max-new-tokens", "30", "--seed", "1"]
+    plain = run_generate(capsys, *args)
+    streamed = run_generate(capsys, *args, "--stream")
+    assert plain[0] == streamed[0] == 0 and plain[1] == streamed[1]
+
+
+def test_prompts_jsonl_gives_one_output_per_row(model_dir, tmp_path, capsys):
+    rows = [{"prompt": "once upon", "id": 7}, {"prompt": "the dog ran", "id": 8}]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    out = tmp_path / "o.jsonl"
+    code, _, err = run_generate(capsys, str(model_dir), "--prompts", str(prompts), "--out", str(out), "--seed", "5")
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert code == 0 and "2 outputs" in err
+    assert [(r["prompt"], r["id"]) for r in got] == [(r["prompt"], r["id"]) for r in rows]
+    # each row is seeded alone: the same as generating it by itself
+    single = run_generate(capsys, str(model_dir), "--prompt", "the dog ran", "--seed", "5")[1]
+    assert single == "the dog ran" + got[1]["output"] + "\n"
+
+
+@pytest.mark.parametrize("draft", ["same", "other"])
+def test_speculative_greedy_equals_plain_greedy(model_dir, tmp_path, capsys, draft):
+    draft_dir = model_dir if draft == "same" else tiny_llama(tmp_path / "draft", seed=1, layers=1)
+    args = [str(model_dir), "--prompt", "one two three", "--temperature", "0", "--max-new-tokens", "25"]
+    plain = run_generate(capsys, *args)
+    code, out, err = run_generate(capsys, *args, "--draft", str(draft_dir))
+    assert code == 0 and out == plain[1]
+    rate = "(100.0%)" if draft == "same" else "draft tokens accepted"
+    assert "speculative decoding:" in err and rate in err
+
+
+@pytest.mark.parametrize("backend", ["scratch", "hf"])
+def test_run_folder_generates_as_its_merged_export(tmp_path, stand_in, capsys, backend):
+    run = train(tmp_path, stand_in, "llama", "lora", backend=backend, steps=4)
+    merged = export(run, tmp_path / "merged", format="merged", ckpt="last")
+    capsys.readouterr()  # the fit's own output
+    args = ["--prompt", "the quick brown", "--temperature", "0", "--max-new-tokens", "12"]
+    from_run = run_generate(capsys, str(run), "--ckpt", "last", *args)
+    from_export = run_generate(capsys, str(merged), *args)
+    assert from_run[0] == 0 and from_run[1] == from_export[1]
+    tok = T.AutoTokenizer.from_pretrained(merged)
+    hf = T.AutoModelForCausalLM.from_pretrained(merged).eval()
+    ids = tok("the quick brown", return_tensors="pt").input_ids
+    ref = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)  # fmt: skip
+    assert from_run[1] == "the quick brown" + tok.decode(ref[0, ids.size(1) :], skip_special_tokens=True) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------- chat
+def chat(model_dir, **sampling):
+    loaded = inference.load(model_dir)
+    return loaded, inference.Chat(loaded, inference.Sampling(**{"temperature": 0.0, "max_new_tokens": 12, **sampling}))
+
+
+def test_chat_second_answer_depends_on_the_first_turn(model_dir):
+    answers = {}
+    for first in ("hello how are you today?", "one two three four five"):
+        _, c = chat(model_dir)
+        c.say(first)
+        answers[first] = c.say("what is your name?")
+    assert len(set(answers.values())) == 2, answers
+
+
+def test_chat_keeps_the_conversation_in_the_cache(model_dir):
+    loaded, c = chat(model_dir)
+    c.say("hello how are you today?")
+    second = c.say("what is your name?")
+    assert c.refed == 0  # ChatML is prefix-stable: the cache was extended, never rebuilt
+    # The second answer is the greedy continuation of the whole conversation, run from scratch.
+    from finetune.generation import generate
+
+    tok = loaded.tokenizer
+    prompt = render(tok, CHATML, c.messages[:-1], True)
+    ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+    out = generate(loaded.model, ids, max_new_tokens=12, eos_token_id=c.stop_ids)
+    assert tok.decode(out[0, ids.size(1) :], skip_special_tokens=True) == second
+
+
+def test_chat_command_reads_turns_from_stdin(model_dir, capsys):
+    stdin = io.StringIO("hello how are you today?\n/reset\nwhat is your name?\n/exit\n")
+    assert chat_command([str(model_dir), "--temperature", "0", "--max-new-tokens", "8"], stdin=stdin) == 0
+    out = capsys.readouterr()
+    assert "(conversation reset)" in out.err and len(out.out.splitlines()) == 2
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def test_prompt_longer_than_the_context_is_refused(tmp_path, capsys):
+    model_dir = tiny_llama(tmp_path / "short", context=32)
+    code, _, err = run_generate(capsys, str(model_dir), "--prompt", "one two three four five six " * 10)
+    assert code == 2 and "context of 32" in err
+
+
+def test_model_folder_without_a_tokenizer(model_dir, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    T.AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(bare)
+    code, _, err = run_generate(capsys, str(bare), "--prompt", "hi")
+    assert code == 2 and f"{bare}: has no tokenizer" in err
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("not json\n", "line 1: not valid JSON"), ('{"prompt": "a"}\n{"text": "b"}\n', 'line 2: expected an object with '
+     'a string "prompt"'), ("\n", "no prompts")],
+)  # fmt: skip
+def test_bad_prompts_file(model_dir, tmp_path, capsys, content, message):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(content)
+    out = tmp_path / "o.jsonl"
+    code, _, err = run_generate(capsys, str(model_dir), "--prompts", str(prompts), "--out", str(out))
+    assert code == 2 and f"{prompts}: {message}" in err and not out.exists()
+
+
+def test_not_a_model_folder(tmp_path, capsys):
+    code, _, err = run_generate(capsys, str(tmp_path), "--prompt", "hi")
+    assert code == 2 and "neither a run folder (config.yaml) nor a Hugging Face model folder" in err
+    code, _, err = run_generate(capsys, str(tmp_path / "nope"), "--prompt", "hi")
+    assert code == 2 and "no such folder" in err
+
+
+def test_draft_with_another_tokenizer_is_refused(model_dir, stand_in, capsys):
+    code, _, err = run_generate(capsys, str(model_dir), "--prompt", "hi", "--draft", str(stand_in("llama")))
+    assert code == 2 and "its tokenizer differs from the target's" in err
