@@ -256,6 +256,7 @@ class Chat:
         if not reuse:
             self.session.reset()
             self.refed += len(self.cached)
+            self.cached = []  # what the session holds now, also should this turn fail
         new = ids[len(self.cached) :] if reuse else ids
         s = self.sampling
         answer = self.session.generate(

@@ -160,6 +160,18 @@ def test_chat_keeps_the_conversation_in_the_cache(model_dir):
     assert tok.decode(out[0, ids.size(1) :], skip_special_tokens=True) == second
 
 
+def test_chat_turn_over_the_context_changes_nothing(tmp_path):
+    short = tiny_llama(tmp_path / "short", context=128)
+    _, c = chat(short, max_new_tokens=8)
+    first = c.say("hello")
+    with pytest.raises(ValueError, match="over the session.s max_len of 128"):
+        c.say("one two three four five six seven eight nine ten eleven twelve " * 10)
+    assert len(c.messages) == 2  # the failed turn is not part of the conversation
+    _, fresh = chat(short, max_new_tokens=8)
+    fresh.say("hello")
+    assert first and c.say("hi") == fresh.say("hi")
+
+
 def test_chat_command_reads_turns_from_stdin(model_dir, capsys):
     stdin = io.StringIO("hello how are you today?\n/reset\nwhat is your name?\n/exit\n")
     assert chat_command([str(model_dir), "--temperature", "0", "--max-new-tokens", "8"], stdin=stdin) == 0
