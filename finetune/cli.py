@@ -356,8 +356,8 @@ def generate_command(argv: list[str]) -> int:
         for row in rows:
             stream = None
             if args.stream and args.prompt is not None:
-                inference._write(row["prompt"] if not loaded.model.is_encoder_decoder else "")
-                stream = inference.TextStream(loaded.tokenizer, inference._write)
+                inference.write_now(row["prompt"] if not loaded.model.is_encoder_decoder else "")
+                stream = inference.TextStream(loaded.tokenizer, inference.write_now)
             text, stats = inference.complete(loaded, row["prompt"], sampling, draft=draft, streamer=stream)
             if stream is not None:
                 stream.end()
@@ -424,7 +424,7 @@ def chat_command(argv: list[str], stdin=None) -> int:
             continue
         if not text.strip():
             continue
-        stream = inference.TextStream(loaded.tokenizer, inference._write)
+        stream = inference.TextStream(loaded.tokenizer, inference.write_now)
         try:
             chat.say(text, streamer=stream)
         except ValueError as e:  # the conversation no longer fits the context

@@ -140,6 +140,11 @@ class Values:
             return self.trained[name]
         return self.base_tensor(name)
 
+    def hf(self, name: str, transposed: bool) -> torch.Tensor:
+        """Our tensor ``name`` in the HF checkpoint's layout."""
+        t = self(name)
+        return t.t() if transposed else t
+
     def _merged_layer(self, owner: str, layer: BaseTunerLayer) -> dict[str, torch.Tensor]:
         """The base layer's tensors, with the adapter merged in by peft (``merge``); computed once per layer."""
         if owner in self._merged:
@@ -246,6 +251,14 @@ def _models(run: Run) -> tuple[nn.Module, nn.Module]:
     return plain, tuned
 
 
+def merged_state(run: Run) -> tuple[object, dict[str, torch.Tensor]]:
+    """The run's model merged, in memory: its ``transformers`` config and HF-named tensors (for generation)."""
+    plain, tuned = _models(run)
+    values = Values(run, plain, tuned, merge=True)
+    state = {hf_key: values.hf(name, transposed) for name, hf_key, transposed in hf_layout(plain)}
+    return _config(run.task, plain), state
+
+
 def _write_model(
     run: Run, plain: nn.Module, tuned: nn.Module, folder: Path, *, dtype, max_shard_size: int, merge: bool
 ) -> None:
@@ -257,12 +270,7 @@ def _write_model(
     config.save_pretrained(folder)
     _generation_config(run.task, config, folder)
 
-    def get(hf_key: str) -> torch.Tensor:
-        name, transposed = source[hf_key]
-        t = values(name)
-        return t.t() if transposed else t
-
-    write_weights(folder, entries, get, max_shard_size)
+    write_weights(folder, entries, lambda hf_key: values.hf(*source[hf_key]), max_shard_size)
 
 
 def _config(task: Task, model: nn.Module):

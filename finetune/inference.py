@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.data.collate import prompt_ids
 from finetune.data.templates import CHATML, tokenizer_chat_template
 from finetune.models.base import Backbone
 
@@ -31,17 +32,8 @@ class Loaded:
     stop_ids: list[int] = field(default_factory=list)
     chat_template: str | None = None  # the run's data.chat_template, which wins over the tokenizer's
 
-    @property
-    def context(self) -> int | None:
-        c = self.model.config
-        return getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None)
-
     def encode(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        if not ids:  # an empty prompt: start from BOS (else EOS), as a document would
-            bos = self.tokenizer.bos_token_id
-            ids = [bos if bos is not None else self.tokenizer.eos_token_id]
-        return ids
+        return prompt_ids(self.tokenizer, text)
 
 
 def load(path: str | Path, *, ckpt: str = "best", device: str = "cpu", what: str = "MODEL") -> Loaded:
@@ -72,13 +64,13 @@ def _load_hf(folder: Path) -> Loaded:
         )
     model = from_hf(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    return Loaded(model, tokenizer, str(folder), _stop_ids(model, tokenizer, folder / "generation_config.json"))
+    return Loaded(model, tokenizer, str(folder), _eos_ids(model, tokenizer, folder / "generation_config.json"))
 
 
 def _load_run(folder: Path, ckpt: str) -> Loaded:
     import yaml
 
-    from finetune.export import Values, _config, _models, hf_layout, load_run
+    from finetune.export import load_run, merged_state
     from finetune.models.hub import from_state
 
     run = load_run(folder, ckpt)
@@ -88,18 +80,13 @@ def _load_run(folder: Path, ckpt: str) -> Loaded:
                          "seq2seq run")  # fmt: skip
     if not (folder / "tokenizer").is_dir():
         raise FileNotFoundError(f"{folder}: no tokenizer/ folder (written when a fit starts); not a complete run")
-    plain, tuned = _models(run)
-    values = Values(run, plain, tuned, merge=True)  # the adapter merged per layer, as in export
-    state = {}
-    for name, hf_key, transposed in hf_layout(plain):
-        t = values(name)
-        state[hf_key] = t.t() if transposed else t
-    model = from_state(_config(task, plain).to_dict(), state, where=str(run.ckpt))
+    config, state = merged_state(run)  # the adapter merged per layer, as in export
+    model = from_state(config.to_dict(), state, where=str(run.ckpt))
     data = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("data") or {}
-    return Loaded(model, task.tokenizer, str(folder), _stop_ids(model, task.tokenizer), data.get("chat_template"))
+    return Loaded(model, task.tokenizer, str(folder), _eos_ids(model, task.tokenizer), data.get("chat_template"))
 
 
-def _stop_ids(model: Backbone, tokenizer, generation_config: Path | None = None) -> list[int]:
+def _eos_ids(model: Backbone, tokenizer, generation_config: Path | None = None) -> list[int]:
     """EOS ids: the generation config's (Llama 3 lists several), the model config's and the tokenizer's."""
     ids = []
     if generation_config is not None and generation_config.is_file():
@@ -158,7 +145,7 @@ def read_prompts(path: Path) -> list[dict]:
     return rows
 
 
-def _write(text: str) -> None:
+def write_now(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
 

@@ -15,6 +15,16 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """A prompt's ids as the model saw documents start (the tokenizer's BOS, if it adds one); an empty prompt
+    starts from BOS, else EOS, as a new document would."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if not ids:
+        bos = tokenizer.bos_token_id
+        ids = [bos if bos is not None else tokenizer.eos_token_id]
+    return ids
+
+
 class Collator:
     """Pads each list column to the longest in the batch (rounded up to ``pad_to_multiple_of``), on the right, or
     on the left for prompts to generate from. Integer columns (class labels, ``row``) become (B,) tensors.

@@ -3,6 +3,7 @@
 import torch
 import torch.nn.functional as F
 
+from finetune.data.collate import prompt_ids
 from finetune.generation import context_length, generate
 from finetune.nn import build_mask
 from finetune.tasks.base import Task
@@ -122,10 +123,7 @@ class CausalLM(Task):
     def sample(self, prompt: str | None = None) -> str:
         """Generates one continuation of ``prompt`` (default: ``sample_prompt``, else just BOS) as text."""
         prompt = prompt if prompt is not None else (self.hparams.sample_prompt or "")
-        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        if not ids:
-            bos = self.tokenizer.bos_token_id
-            ids = [bos if bos is not None else self.tokenizer.eos_token_id]
+        ids = prompt_ids(self.tokenizer, prompt)
         x = torch.tensor([ids], device=self.device)
         budget = self.hparams.max_new_tokens  # a demo sample: as much as fits the context
         if (context := context_length(self.model)) is not None:

@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from finetune.tokenizer.train import DEFAULT_SPECIAL_TOKENS
+
 FIELDS = {"train_files", "vocab_size", "special_tokens", "min_frequency"}
 VERSION = 1  # bump when training changes what it produces
 
@@ -37,7 +39,7 @@ def _spec(spec: dict[str, Any], resolve) -> dict[str, Any]:
     out = {
         "train_files": [str(resolve(str(f))) for f in files],
         "vocab_size": int(spec["vocab_size"]),
-        "special_tokens": list(spec.get("special_tokens") or ["<|endoftext|>", "<pad>"]),
+        "special_tokens": list(spec.get("special_tokens") or DEFAULT_SPECIAL_TOKENS),
         "min_frequency": int(spec.get("min_frequency", 2)),
     }
     for f in out["train_files"]:

@@ -7,6 +7,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from finetune.tokenizer.train import DEFAULT_SPECIAL_TOKENS
+
 PROG = "finetune tokenizer"
 
 
@@ -34,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--special-tokens",
         nargs="+",
-        default=["<|endoftext|>", "<pad>"],
+        default=list(DEFAULT_SPECIAL_TOKENS),
         metavar="T",
         help="special tokens, ids 0.. in this order; the first is bos/eos/unk, '<pad>' the pad token "
         "(default: <|endoftext|> <pad>)",

@@ -23,6 +23,7 @@ from finetune.tokenizer.added import AddedToken
 from finetune.tokenizer.bpe import ByteLevelBPE
 from finetune.tokenizer.pretokenize import BYTE_TO_CHAR, GPT2_SPLIT
 
+DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>", "<pad>")  # end of text (also BOS/UNK when saved), padding
 _SHIFT = 32
 _LOW = (1 << _SHIFT) - 1
 _READ_BLOCK = 1 << 20
@@ -31,7 +32,7 @@ _READ_BLOCK = 1 << 20
 def train_bpe(
     files_or_texts: Iterable[str | os.PathLike] | str | os.PathLike,
     vocab_size: int = 4096,
-    special_tokens: Iterable[str] = ("<|endoftext|>", "<pad>"),
+    special_tokens: Iterable[str] = DEFAULT_SPECIAL_TOKENS,
     min_frequency: int = 2,
 ) -> ByteLevelBPE:
     """Train a byte-level BPE.

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from finetune.tokenizer.reference import tokenizers_trainer
+
 QUICKSTART = Path(__file__).resolve().parents[2] / "recipes" / "data" / "quickstart" / "train.txt"
 SPECIALS = ["<|endoftext|>", "<pad>"]
 
@@ -71,29 +73,14 @@ EDGE_LINES = [
 ]
 
 
-def _byte_level_bpe(vocab_size: int, specials: list[str]) -> tuple[Tokenizer, trainers.BpeTrainer]:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    return tok, trainer
-
-
 def hf_train_files(files: list[str], vocab_size: int, specials: list[str] = SPECIALS) -> Tokenizer:
-    tok, trainer = _byte_level_bpe(vocab_size, specials)
+    tok, trainer = tokenizers_trainer(vocab_size, specials)
     tok.train([str(f) for f in files], trainer=trainer)
     return tok
 
 
 def hf_train_texts(texts: list[str], vocab_size: int, specials: list[str] = SPECIALS) -> Tokenizer:
-    tok, trainer = _byte_level_bpe(vocab_size, specials)
+    tok, trainer = tokenizers_trainer(vocab_size, specials)
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
