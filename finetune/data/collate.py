@@ -29,8 +29,9 @@ class Collator:
     """Pads each list column to the longest in the batch (rounded up to ``pad_to_multiple_of``), on the right, or
     on the left for prompts to generate from. Integer columns (class labels, ``row``) become (B,) tensors.
 
-    ``num_tokens`` is a Python int (no device sync to read it): the non-padding input tokens, plus the target
-    tokens when ``count_targets`` (seq2seq, where ``labels`` is a sequence of its own).
+    ``num_tokens`` counts the non-padding input tokens, plus the target tokens when ``count_targets`` (seq2seq, where
+    ``labels`` is a sequence of its own); ``padded`` says whether any row is padded. Both are Python values, so
+    reading them needs no device sync.
     """
 
     def __init__(
@@ -64,6 +65,9 @@ class Collator:
         positions = torch.arange(T)  # (T,)
         mask = positions >= T - lengths if self.left else positions < lengths  # (B, T) True on tokens
         batch["attention_mask"] = mask.long()
+        # Known here for free, on the host: with no padding the model may skip the mask (plain causal attention,
+        # SDPA's fastest kernel) without a device sync to find out.
+        batch["padded"] = bool((lengths < T).any())
         num_tokens = int(lengths.sum())
         if self.count_targets and "labels" in batch:
             num_tokens += sum(len(item["labels"]) for item in items)

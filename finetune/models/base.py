@@ -138,13 +138,25 @@ class DecoderLM(Backbone):
         raise NotImplementedError
 
     def forward(
-        self, input_ids, *, attention_mask=None, position_ids=None, segment_ids=None, cache=None, logits_to_keep=0
+        self,
+        input_ids,
+        *,
+        attention_mask=None,
+        position_ids=None,
+        segment_ids=None,
+        cache=None,
+        logits_to_keep=0,
+        head: bool = True,
     ) -> torch.Tensor:
         """input_ids: (B, T); attention_mask: (B, T_past + T), 1 = token; segment_ids: (B, T) packed-sample numbers
         (0 = padding), with ``position_ids`` restarting in each sample; cache: from ``make_cache``.
         ``logits_to_keep`` > 0 projects only the last that many positions (generation needs only the last one: a
-        long prompt's (T, vocab_size) logits are skipped). Returns logits (B, T or logits_to_keep, vocab_size)."""
+        long prompt's (T, vocab_size) logits are skipped). Returns logits (B, T or logits_to_keep, vocab_size).
+        ``head=False`` returns the final hidden states (B, T, C) instead, for a loss that applies ``lm_head`` itself
+        (``nn.loss``); through ``forward``, so that hooks on the model (FSDP's weight gathering) still run."""
         h = self.features(
             input_ids, attention_mask=attention_mask, position_ids=position_ids, segment_ids=segment_ids, cache=cache
         )
+        if not head:
+            return h
         return self.lm_head(h[:, -logits_to_keep:] if 0 < logits_to_keep < h.size(1) else h)

@@ -144,10 +144,12 @@ class Attention(nn.Module):
                 src = x if context is None else context
                 k = self._heads(modules[n.k](src), self.n_kv_heads)  # (B, H_kv, S, D)
                 v = self._heads(modules[n.v](src), self.n_kv_heads)
-        if rope is not None:
-            # Queries and keys rotated in one go: half the small ops of two calls, and decoding is op-bound.
-            qk = apply_rotary(torch.cat((q, k), dim=1), *rope)  # (B, H + H_kv, T, D)
+        if rope is not None and q.size(2) == 1:
+            # Decoding one token: queries and keys rotated in one go, half the small ops of two calls (op-bound).
+            qk = apply_rotary(torch.cat((q, k), dim=1), *rope)  # (B, H + H_kv, 1, D)
             q, k = qk.split((self.n_heads, self.n_kv_heads), dim=1)
+        elif rope is not None:  # longer inputs: two calls, rather than copying q and k into one tensor
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v)
         y = F.scaled_dot_product_attention(

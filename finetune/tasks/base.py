@@ -40,6 +40,8 @@ class Task(L.LightningModule):
             (``finetune.tokenizer``, byte-level BPE): ``{train_files: [...], vocab_size: N, special_tokens: [...],
             min_frequency: 2}``, cached by the files' content, so a resumed run reuses it.
         gradient_checkpointing: recompute activations in the backward pass (``use_reentrant=False``).
+        compile: ``torch.compile`` each transformer block (regional compilation: the layers share one compiled
+            graph, so compiling costs about one layer's time, not the model's). Pays off on GPUs, on long runs.
         lr: peak learning rate of AdamW.
         weight_decay: decoupled weight decay, applied to matrices only (not norms, biases or embeddings).
         betas: AdamW betas.
@@ -66,6 +68,7 @@ class Task(L.LightningModule):
         config: dict[str, Any] | None = None,
         tokenizer: str | dict[str, Any] | None = None,
         gradient_checkpointing: bool = False,
+        compile: bool = False,
         lr: float = 3e-4,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -201,6 +204,9 @@ class Task(L.LightningModule):
         if self.hparams.gradient_checkpointing:
             _enable_checkpointing(model)
         self.model = self.inject_adapter(model)
+        if self.hparams.compile:
+            for block in transformer_blocks(self.model):
+                block.compile()
         # Keyed "<stage>_metrics": a ModuleDict key "train" would clash with ``nn.Module.train``.
         self.stage_metrics = nn.ModuleDict({f"{s}_metrics": self.make_metrics(s) for s in STAGES})
         if self.device_mesh is not None:
@@ -381,11 +387,15 @@ def _fully_shard(model: nn.Module, mesh) -> None:
     from torch.distributed.fsdp import fully_shard
 
     dp = mesh["data_parallel"]
-    blocks = set(getattr(model, "_no_split_modules", None) or ()) | {"PreNormBlock", "PostNormBlock"}
-    for m in list(model.modules()):
-        if type(m).__name__ in blocks:
-            fully_shard(m, mesh=dp)
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=dp)
     fully_shard(model, mesh=dp)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated layers: ours, or those an HF model names in ``_no_split_modules``."""
+    names = set(getattr(model, "_no_split_modules", None) or ()) | {"PreNormBlock", "PostNormBlock"}
+    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 def hold_gathered(model: nn.Module | None, hold: bool) -> None:

@@ -2,10 +2,14 @@
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from finetune.data.collate import prompt_ids
 from finetune.generation import context_length, generate
+from finetune.models.base import DecoderLM
+from finetune.models.hub import SUPPORTED_MODEL_TYPES, family_of
 from finetune.nn import build_mask
+from finetune.nn.loss import linear_cross_entropy
 from finetune.tasks.base import Task
 from finetune.tasks.metrics import LM_METRICS
 
@@ -58,27 +62,68 @@ class CausalLM(Task):
     ) -> None:
         super().__init__(*args, **kwargs)
 
-    def logits(self, batch: dict) -> torch.Tensor:
-        """(B, T, V) logits; packed rows (``segment_ids``) attend only within their own sample."""
+    def _inputs(self, batch: dict) -> dict:
+        """The model's keyword inputs; packed rows (``segment_ids``) attend only within their own sample."""
         seg, pos = batch.get("segment_ids"), batch.get("position_ids")
+        # Without padding (the collator says so) the mask is dropped: plain causal attention, SDPA's fast path.
+        mask = batch.get("attention_mask") if batch.get("padded", True) else None
         if self.is_hf:
-            window = getattr(self.model.config, "sliding_window", None)
-            mask = packed_mask(seg, window) if seg is not None else batch["attention_mask"]
-            return self.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=pos).logits
-        return self.model(
-            batch["input_ids"],
-            attention_mask=None if seg is not None else batch["attention_mask"],
-            position_ids=pos,
-            segment_ids=seg,
-        )
+            if seg is not None:
+                mask = packed_mask(seg, getattr(self.model.config, "sliding_window", None))
+            return {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": pos}
+        return {
+            "input_ids": batch["input_ids"],
+            "attention_mask": None if seg is not None else mask,
+            "position_ids": pos,
+            "segment_ids": seg,
+        }
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        """(B, T, V) logits."""
+        inputs = self._inputs(batch)
+        if self.is_hf:
+            return self.model(**inputs).logits
+        return self.model(inputs.pop("input_ids"), **inputs)
+
+    def hidden_states(self, batch: dict) -> torch.Tensor:
+        """(B, T, C) final hidden states, the output head's input."""
+        inputs = self._inputs(batch)
+        if self.is_hf:
+            return self.model.base_model(**inputs).last_hidden_state
+        return self.model(inputs.pop("input_ids"), **inputs, head=False)
+
+    def output_head(self) -> nn.Linear | None:
+        """The model's output head when the fused loss can stand in for it: a plain bias-free ``nn.Linear`` applied
+        to the final hidden states as they are. ``None`` for a head an adapter wraps or trains (``modules_to_save``),
+        and for HF models outside our decoder families (some scale or soft-cap their logits). Also ``None`` for an
+        HF model under FSDP2: its decoder alone, called outside the root's forward, would find the embedding still
+        sharded (ours returns hidden states through its own forward)."""
+        if self.is_hf:
+            if self.device_mesh is not None:
+                return None
+            model_type = self.model.config.model_type
+            if model_type not in SUPPORTED_MODEL_TYPES or not issubclass(family_of(model_type).model_cls, DecoderLM):
+                return None
+            head = self.model.get_output_embeddings()
+        else:
+            head = getattr(self.model, "lm_head", None)
+        return head if type(head) is nn.Linear and head.bias is None else None
 
     def step(self, batch: dict, stage: str, batch_idx: int) -> dict:
-        logits = self.logits(batch)[:, :-1]  # (B, T-1, V): position t predicts token t+1
-        labels = batch["labels"][:, 1:]
-        loss, n = token_loss(logits, labels)
+        # Position t predicts token t+1: labels move left and the last position has none. (Shifting the labels
+        # instead of slicing the (B, T, C) states or (B, T, V) logits copies neither.)
+        labels = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)  # (B, T)
+        evaluating = stage != "train"
+        head = self.output_head()
+        if head is not None:  # the chunked loss: no (B, T, V) logits are ever held
+            loss, n, preds = linear_cross_entropy(self.hidden_states(batch), head.weight, labels, preds=evaluating)
+        else:
+            logits = self.logits(batch)  # (B, T, V)
+            loss, n = token_loss(logits, labels)
+            preds = logits.argmax(-1) if evaluating else None
         out = {"loss": loss, "n_tokens": n, "batch_size": labels.size(0)}
-        if stage != "train":
-            out |= {"preds": logits.argmax(-1).flatten(), "targets": labels.flatten()}
+        if evaluating:
+            out |= {"preds": preds.flatten(), "targets": labels.flatten()}
         return out
 
     # -------------------------------------------------------------------------------------- generation

@@ -39,6 +39,7 @@ def test_text_rows_get_eos_and_right_padding(make_dm, write, tok, style):
         assert batch["labels"][i].tolist() == ids + [-100] * (T - len(ids))  # not shifted
         assert batch["attention_mask"][i].tolist() == [1] * len(ids) + [0] * (T - len(ids))
     assert batch["num_tokens"] == sum(map(len, expected)) and isinstance(batch["num_tokens"], int)
+    assert batch["padded"] is True  # rows of different lengths
     assert dm.stats["validation"]["tokens"] == sum(map(len, expected))
     assert dm.pad_token_id == t.pad_token_id
 
@@ -61,6 +62,9 @@ def test_pad_to_multiple_of(make_dm, write):
     path = write("train.jsonl", [{"text": "hello"}])
     batch = one_batch(make_dm(train_files=path, validation_files=path, pad_to_multiple_of=8).val_dataloader())
     assert batch["input_ids"].shape[1] == 8 and batch["num_tokens"] == batch["attention_mask"].sum().item()
+    assert batch["padded"] is True  # padded up to the multiple, though one row
+    unpadded = one_batch(make_dm(train_files=path, validation_files=path).val_dataloader())
+    assert unpadded["padded"] is False and unpadded["attention_mask"].all()
 
 
 # ----------------------------------------------------------------------------------------------- instruction

@@ -1,0 +1,116 @@
+"""Cross-entropy over a linear output head, computed in chunks of tokens so that the (tokens, vocabulary) logits are
+never held whole: the language-model loss without its largest tensor.
+
+In training, each chunk's gradient is computed in the forward pass, right after its logits (softmax minus the one-hot
+target), and the logits are freed; backward then only scales the stored gradients. Memory for the loss is one
+chunk's logits instead of the full fp32 logits plus their log-softmax, and no logits are recomputed.
+"""
+
+import torch
+
+IGNORE = -100
+# fp32 logit elements per chunk. CPU: 2^22 = 16 MiB (524 tokens of an 8k vocabulary): below glibc's largest mmap
+# threshold (32 MiB), so chunk buffers are reused from the heap instead of being mapped and page-faulted in afresh
+# each time (chunks of 32 MiB ran 1.5x slower in bf16). GPU: 2^25 = 128 MiB (261 tokens of a 128k vocabulary), so
+# the loop stays at tens of chunks; the caching allocator reuses the buffers.
+CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 25}
+
+
+def chunk_tokens(vocab_size: int, device: str = "cpu") -> int:
+    """Tokens per chunk: the most whose fp32 logits fit the device's budget."""
+    return max(1, CHUNK_ELEMENTS.get(device, CHUNK_ELEMENTS["cuda"]) // vocab_size)
+
+
+def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.linear(h, weight)`` would compute in: autocast's under mixed precision, else the inputs'."""
+    device = h.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
+def _chunked(h, weight, labels, n, chunk, *, grad_h: bool, grad_w: bool, preds: bool):
+    """The loss sum / n over chunks of tokens; with the gradients of h (N, C) and weight (V, C) when asked, and the
+    argmax predictions (N,) when asked. Returns (loss, grad_h, grad_w, preds), the ones not asked for ``None``."""
+    dtype = _compute_dtype(h, weight)
+    hd, wd = h.to(dtype), weight.to(dtype)
+    gh = torch.empty_like(h) if grad_h else None
+    # Summed over chunks in fp32 (a bf16 sum would round once per chunk); cast to the weight's dtype at the end.
+    gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_w else None
+    out = torch.empty(labels.shape, dtype=torch.long, device=labels.device) if preds else None
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    scale = 1.0 / n.clamp(min=1)
+    with torch.autocast(h.device.type, enabled=False):  # the casts are explicit above
+        for start in range(0, h.size(0), chunk):
+            end = min(start + chunk, h.size(0))
+            hc, yc = hd[start:end], labels[start:end]  # (n, C), (n,)
+            logits = (hc @ wd.T).float()  # (n, V)
+            if preds:
+                out[start:end] = logits.argmax(-1)
+            valid = yc != IGNORE
+            target = yc.masked_fill(~valid, 0)
+            picked = logits.gather(1, target[:, None]).squeeze(1)  # (n,)
+            top = logits.amax(-1, keepdim=True)  # (n, 1)
+            e = logits.sub_(top).exp_()  # (n, V) exp(logits - max), in place: one pass, no second buffer
+            sums = e.sum(-1)  # (n,)
+            total += ((top.squeeze(1) + sums.log() - picked) * valid).sum()  # logsumexp - target logit
+            if not (grad_h or grad_w):
+                continue
+            # d(loss)/d(logits) = (softmax - onehot) * valid / n, in place over e.
+            weight_row = valid * scale  # (n,)
+            e.mul_((weight_row / sums)[:, None])
+            e[torch.arange(end - start, device=e.device), target] -= weight_row
+            g = e.to(dtype)
+            if grad_h:
+                gh[start:end] = g @ wd  # (n, C)
+            if grad_w:
+                gw += (g.T @ hc).float()  # (V, C)
+    return total * scale, gh, gw.to(weight.dtype) if grad_w else None, out
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum over labelled tokens of -log softmax(h @ W.T)[label], divided by ``n``; gradients made in forward.
+
+    Every product runs in the dtype the unfused head would use, and the logits are upcast to fp32 for the softmax,
+    so loss and gradients equal ``F.cross_entropy(F.linear(h, W).float(), labels)`` up to summation order.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, n, chunk):  # h (N, C), weight (V, C), labels (N,), n: () token count
+        need_h, need_w = ctx.needs_input_grad[:2]
+        loss, grad_h, grad_w, _ = _chunked(h, weight, labels, n, chunk, grad_h=need_h, grad_w=need_w, preds=False)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out: () — 1.0 unless the loss was scaled (gradient accumulation, ...)
+        grad_h, grad_w = ctx.saved_tensors
+        return (
+            grad_h * grad_out if grad_h is not None else None,
+            grad_w * grad_out if grad_w is not None else None,
+            None,
+            None,
+            None,
+        )
+
+
+def linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk: int | None = None, preds: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Mean cross-entropy of ``h @ weight.T`` against ``labels`` (-100 = ignored), the labelled-token count, and
+    (``preds=True``) the argmax prediction per token, without materializing all logits.
+
+    h: (..., C) hidden states; weight: (V, C), a bias-free output head; labels: (...) aligned with ``h``.
+    Returns (loss (), n (), preds (...) or None).
+    """
+    h2, y = h.reshape(-1, h.size(-1)), labels.reshape(-1)  # (N, C), (N,)
+    chunk = chunk or chunk_tokens(weight.size(0), h.device.type)
+    n = (y != IGNORE).sum()
+    out = None
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        loss = _LinearCrossEntropy.apply(h2, weight, y, n, chunk)
+        if preds:
+            with torch.no_grad():
+                out = _chunked(h2, weight, y, n, chunk, grad_h=False, grad_w=False, preds=True)[3]
+    else:
+        with torch.no_grad():
+            loss, _, _, out = _chunked(h2, weight, y, n, chunk, grad_h=False, grad_w=False, preds=preds)
+    return loss, n, out.view_as(labels) if preds else None
