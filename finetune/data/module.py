@@ -94,7 +94,8 @@ class DataModule(L.LightningDataModule):
         max_length: Longest sequence in tokens; longer rows are truncated (counted and reported) or, with packing,
             split.
         max_target_length: Longest seq2seq target in tokens (default: max_length).
-        packing: Pack causal-LM samples back to back into rows of max_length tokens.
+        packing: Pack causal-LM samples back to back into rows of max_length tokens (each attends only to itself),
+            so no compute goes to padding. Default: on for plain text (pretraining), off otherwise.
         train_on_prompt: Instruction and chat data: compute the loss on the prompt too, not only on the response.
         chat_template: A Jinja chat template replacing the tokenizer's (default: the tokenizer's, else ChatML).
         prompt_template: Instruction prompt for rows with an input, with {instruction} and {input} (default:
@@ -130,7 +131,7 @@ class DataModule(L.LightningDataModule):
         fields: dict[str, str] | None = None,
         max_length: int = 1024,
         max_target_length: int | None = None,
-        packing: bool = False,
+        packing: bool | None = None,
         train_on_prompt: bool = False,
         chat_template: str | None = None,
         prompt_template: str = ALPACA,
@@ -158,6 +159,8 @@ class DataModule(L.LightningDataModule):
         self.fields = dict(fields or {})
         self.max_length = max_length
         self.max_target_length = max_target_length or max_length
+        if packing is None:
+            packing = format == "text" and objective == "causal_lm"
         self.packing, self.train_on_prompt = packing, train_on_prompt
         self.chat_template = chat_template
         self.prompt_template, self.prompt_template_no_input = prompt_template, prompt_template_no_input

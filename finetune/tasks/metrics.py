@@ -19,7 +19,22 @@ from torchmetrics.classification import (
 from torchmetrics.text import BLEUScore, ROUGEScore
 
 
-class Perplexity(MeanMetric):
+class TokenMean(MeanMetric):
+    """The mean of per-batch values weighted by their token counts; update with ``(mean, n_tokens)``.
+
+    ``MeanMetric`` without its NaN check: the check reads the value on the host (a device sync every training step)
+    and drops NaN values from the mean, which would hide a diverged run; here a NaN loss makes a NaN epoch loss.
+    (``nan_strategy="disable"`` skips the check but, in torchmetrics 1.9, also drops the weights.)
+    """
+
+    def update(self, value: torch.Tensor, weight: torch.Tensor) -> None:
+        value = torch.as_tensor(value, dtype=self.dtype, device=self.device)
+        weight = torch.broadcast_to(torch.as_tensor(weight, dtype=self.dtype, device=self.device), value.shape)
+        self.mean_value += (value * weight).sum()
+        self.weight += weight.sum()
+
+
+class Perplexity(TokenMean):
     """exp of the token-weighted mean negative log-likelihood; update with ``(mean_nll, n_tokens)``.
 
     Equal to ``torchmetrics.text.Perplexity`` on the same logits, without a second softmax over the vocabulary.
@@ -64,13 +79,13 @@ _nll = lambda o: (o["loss"], o["n_tokens"])  # noqa: E731
 _tokens = lambda o: (o["preds"], o["targets"])  # noqa: E731
 
 LM_METRICS = {
-    "loss": MetricSpec(lambda n: MeanMetric(), _nll),
+    "loss": MetricSpec(lambda n: TokenMean(), _nll),
     "perplexity": MetricSpec(lambda n: Perplexity(), _nll),
     "accuracy": MetricSpec(lambda n: MulticlassAccuracy(n, average="micro", ignore_index=-100), _tokens),
 }
 
 CLASSIFICATION_METRICS = {
-    "loss": MetricSpec(lambda n: MeanMetric(), lambda o: (o["loss"], o["n_tokens"])),
+    "loss": MetricSpec(lambda n: TokenMean(), _nll),
     "accuracy": MetricSpec(lambda n: MulticlassAccuracy(n, average="micro"), _tokens),
     "f1": MetricSpec(lambda n: MulticlassF1Score(n, average="macro"), _tokens),
     "precision": MetricSpec(lambda n: MulticlassPrecision(n, average="macro"), _tokens),

@@ -52,10 +52,12 @@ def tok(tokenizer_folder):
 
 @pytest.fixture
 def make_dm(tmp_path, tok):
-    """``make_dm(style, **kwargs)`` -> a DataModule with that tokenizer and a datasets cache in tmp_path."""
+    """``make_dm(style, **kwargs)`` -> a DataModule with that tokenizer and a datasets cache in tmp_path. Packing is
+    off unless asked for: these tests look at rows one by one (the default packs plain text)."""
 
     def make(style: str = "llama", **kwargs) -> DataModule:
         kwargs.setdefault("tokenizer", tok(style))
+        kwargs.setdefault("packing", False)
         kwargs.setdefault("cache_dir", str(tmp_path / "cache"))
         return DataModule(**kwargs)
 

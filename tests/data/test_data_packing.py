@@ -71,3 +71,16 @@ def test_packing_keeps_prompt_masking(make_dm, write, tok):
     assert batch["input_ids"][0].tolist() == p + r1 + p + r2
     assert batch["labels"][0].tolist() == [-100] * len(p) + r1 + [-100] * len(p) + r2
     assert batch["segment_ids"][0].tolist() == [1] * len(p + r1) + [2] * len(p + r2)
+
+
+def test_packing_is_on_by_default_for_plain_text_only(write, tok, tmp_path):
+    """Pretraining text packs by default; instruction data (whose rows are the examples) does not."""
+    from finetune.data.module import DataModule
+
+    text = write("t.jsonl", [{"text": "the cat"}])
+    pairs = write("i.jsonl", [{"instruction": "say hi", "output": "hi"}])
+    common = dict(tokenizer=tok("llama"), cache_dir=str(tmp_path / "cache"))
+    assert DataModule(train_files=text, **common).packing is True
+    assert DataModule(train_files=text, packing=False, **common).packing is False
+    assert DataModule(format="instruction", train_files=pairs, **common).packing is False
+    assert DataModule(format="text", objective="masked_lm", train_files=text, **common).packing is False

@@ -178,3 +178,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(stand_in, backend):
         grads.append({n: p.grad for n, p in task.model.named_parameters()})
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[1][n], g, msg=n)
+
+
+def test_token_mean_weights_by_tokens_and_keeps_nan_visible():
+    from finetune.tasks.metrics import TokenMean
+
+    m = TokenMean()
+    m.update(torch.tensor(2.0), torch.tensor(3))
+    m.update(torch.tensor(4.0), torch.tensor(1))
+    assert m.compute().item() == pytest.approx((2 * 3 + 4) / 4)
+    m.update(torch.tensor(float("nan")), torch.tensor(2))  # a diverged step is not silently dropped
+    assert math.isnan(m.compute().item())
