@@ -237,13 +237,14 @@ def run_plain(a, steps: Steps, folder: str, ours: bool) -> dict:
     if ours:
         from finetune.nn.loss import linear_cross_entropy
         from finetune.tasks import CausalLM
+        from finetune.tasks.causal_lm import next_token_labels
 
         task = CausalLM(pretrained=folder, adapter=MODES[a.mode])  # builds and injects exactly as (a) does
         task.configure_model()
         model, data = task.model, finetune_batches(a)
 
         def loss_of(batch):  # what the task's step computes
-            labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+            labels = next_token_labels(batch["labels"])
             return linear_cross_entropy(model(batch["input_ids"], head=False), model.lm_head.weight, labels)[0]
     else:
         model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")

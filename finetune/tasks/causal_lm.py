@@ -24,6 +24,12 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     return loss / n.clamp(min=1), n
 
 
+def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels -> (B, T) targets: position t predicts token t+1, and the last position has none. (Shifting
+    the labels instead of slicing the (B, T, C) states or (B, T, V) logits copies neither.)"""
+    return F.pad(labels[:, 1:], (0, 1), value=-100)
+
+
 def packed_mask(segment_ids: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
     """(B, T) packed-sample numbers -> (B, 1, T, T) bool mask: causal, within one sample and the window (True =
     attend); the same mask our models build, handed to HF models as a 4D attention mask."""
@@ -110,9 +116,7 @@ class CausalLM(Task):
         return head if type(head) is nn.Linear and head.bias is None else None
 
     def step(self, batch: dict, stage: str, batch_idx: int) -> dict:
-        # Position t predicts token t+1: labels move left and the last position has none. (Shifting the labels
-        # instead of slicing the (B, T, C) states or (B, T, V) logits copies neither.)
-        labels = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)  # (B, T)
+        labels = next_token_labels(batch["labels"])  # (B, T)
         evaluating = stage != "train"
         head = self.output_head()
         if head is not None:  # the chunked loss: no (B, T, V) logits are ever held

@@ -8,7 +8,7 @@ import transformers as T
 
 from finetune.data.collate import Collator
 from finetune.tasks import CausalLM
-from finetune.tasks.causal_lm import token_loss
+from finetune.tasks.causal_lm import next_token_labels, token_loss
 
 from .helpers import TINY_LLAMA
 
@@ -20,8 +20,7 @@ def _batch(rows: list[list[int]], pad: int) -> dict:
 
 def _plain_step(task: CausalLM, batch: dict) -> torch.Tensor:
     """The step without the fused loss: full logits, then cross-entropy."""
-    labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
-    return token_loss(task.logits(batch), labels)[0]
+    return token_loss(task.logits(batch), next_token_labels(batch["labels"]))[0]
 
 
 def _grads(task: CausalLM, loss: torch.Tensor) -> dict:
