@@ -9,14 +9,14 @@ import datasets
 import lightning.pytorch as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from finetune.bundled import resolve_path
 from finetune.data.collate import Collator, pad_id
 from finetune.data.encode import FIELDS, OBJECTIVE_FORMATS, Encoder, collect_labels, resolve_columns
 from finetune.data.packing import PackedDataset
 from finetune.data.sampling import EvalSampler, ResumableDataLoader, TrainSampler
-from finetune.data.sources import SPLITS, Source, discover, load_file, load_hub, looks_local
+from finetune.data.sources import SPLIT_WORDS, SPLITS, Source, discover, load_file, load_hub, looks_local
 from finetune.data.templates import ALPACA, ALPACA_NO_INPUT, CHATML, check_prompt_template, tokenizer_chat_template
 
 STAGE_SPLITS = {
@@ -79,8 +79,10 @@ class DataModule(L.LightningDataModule):
 
     Args:
         format: How rows are laid out: text, instruction, chat, classification or seq2seq.
-        path: A data file, a folder (files named train*, validation*/valid*/val*/dev*, test* go to those splits;
-            when none is named so, all are train) or a Hugging Face hub dataset name.
+        path: A data file, a folder or a Hugging Face hub dataset name. A folder's files (subfolders too) go to the
+            split whose word their name or folder holds as a whole word (train/training, validation/valid/val/dev,
+            test/testing/eval/evaluation: ``train-0.jsonl``, ``dev.csv``, ``valid/a.jsonl``; not ``devices.csv``);
+            when no name holds one, all are train; else files without one are left out, with a warning.
         train_files: Train file(s), instead of `path`. Types: .jsonl, .json, .csv, .parquet, .txt (a row per line).
         validation_files: Validation file(s).
         test_files: Test file(s).
@@ -277,10 +279,14 @@ class DataModule(L.LightningDataModule):
             raise FileNotFoundError(f"path={path}: no such data file or folder")
         else:
             sources, unmatched = load_hub(path, self.cache_dir)
+        for split, split_sources in sources.items():
+            for source in split_sources:
+                rank_zero_info(f"data.path: {source.name} -> {split} split")
         if unmatched:
+            words = "; ".join(f"{split}: {'/'.join(names)}" for split, names in SPLIT_WORDS.items())
             rank_zero_warn(
-                f"path={path}: ignoring {unmatched}: their names start with none of train, validation/valid/val/dev, "
-                "test; rename them, or name files per split with train_files/validation_files/test_files"
+                f"path={path}: ignoring {unmatched}: their names hold no split word ({words}) while other names do; "
+                "rename them, or name files per split with train_files/validation_files/test_files"
             )
         if "validation" in sources and self.validation_fraction is not None:
             names = [s.name for s in sources["validation"]]

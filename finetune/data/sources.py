@@ -1,5 +1,5 @@
 """Finding and loading raw data: local files (one ``datasets.Dataset`` per file, so that errors can name the file
-and the row within it), folders (split by file name) and Hugging Face hub datasets.
+and the row within it), folders (split by the words of file and folder names) and Hugging Face hub datasets.
 
 Rows are numbered from 0 within their file, as ``dataset[i]`` numbers them; for line-based files (JSONL, CSV, TXT)
 errors also give the 1-based line number an editor shows.
@@ -8,6 +8,7 @@ errors also give the 1-based line number an editor shows.
 import csv
 import itertools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +17,17 @@ import datasets
 # file extension -> the `datasets` packaged builder that reads it
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 SPLITS = ("train", "validation", "test", "predict")
-# a file (or hub split) whose name starts with one of these belongs to that split
-SPLIT_PREFIXES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
+# split -> the words that name it in a file, folder or hub split name: `datasets`' SPLIT_KEYWORDS
+# (datasets.data_files), so a folder splits here as `load_dataset(folder)` splits it
+SPLIT_WORDS = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "val", "dev"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
+# what separates the words of a name: `datasets`' NON_WORDS_CHARS "-._ 0-9"
+WORD_DELIMITERS = re.compile(r"[-._ 0-9]+")
+# files in a data folder that are never data (`datasets`' FILES_TO_IGNORE, of the types read here)
+NOT_DATA = {"config.json", "dataset_info.json", "dataset_infos.json", "dataset_dict.json"}
 
 
 @dataclass
@@ -144,33 +154,58 @@ def _reason(e: BaseException) -> str:
 
 
 def split_of(name: str) -> str | None:
-    """The split a file stem or hub split name belongs to, by prefix (``dev.jsonl`` -> validation)."""
-    lower = name.lower()
-    for split, prefixes in SPLIT_PREFIXES.items():
-        if lower.startswith(prefixes):
-            return split
+    """The split a name belongs to: a file's path relative to its data folder, or a hub split name.
+
+    A name is cut into words at delimiters (``-``, ``_``, ``.``, space, digits), folder by folder and then the file
+    name without its extension, all lower case. The first word that is a split word decides:
+    train/training -> train; validation/valid/val/dev -> validation; test/testing/eval/evaluation -> test. So
+    ``train-00000-of-00002.parquet``, ``val_2.csv``, ``dev.txt``, ``test_a.jsonl``, ``imdb_test.csv`` and
+    ``valid/part.jsonl`` name their splits, while ``valentine_stories.txt``, ``devices.csv`` and
+    ``testimonials.jsonl`` name none (a split word must be a whole word, not the start of a longer one).
+    """
+    *folders, file = Path(name.lower()).parts or ("",)
+    parts = [*folders, Path(file).stem if Path(file).suffix in EXTENSIONS else file]
+    for word in (w for part in parts for w in WORD_DELIMITERS.split(part)):
+        for split, words in SPLIT_WORDS.items():
+            if word in words:
+                return split
     return None
 
 
 def discover(folder: str) -> tuple[dict[str, list[str]], list[str]]:
-    """Sorts the data files of ``folder`` (not recursive) into splits by file name.
+    """Sorts the data files under ``folder`` (and its subfolders) into splits by ``split_of`` their path in it.
 
-    Returns ({split: files}, files that matched no split). When no file name matches a split, every file is train.
+    The rule is that of `datasets`' ``load_dataset(folder)``: when no file or folder name holds a split word, every
+    file is train; otherwise files that hold none are left out (returned, so that the caller can warn). Where this
+    differs from `datasets`: names are read case-insensitively; a file holding words of two splits goes to the
+    first (`datasets` puts it in both); folder and file names are read together (`datasets` ignores split words in
+    file names once any folder name holds one); a file in a subfolder is data only when its path holds a split word
+    (so ``tokenizer/tokenizer.json`` beside ``train.txt`` is not data). Hidden files and folders (``.x``, ``__x``)
+    and `datasets`' metadata files (``dataset_info.json``, ...) are skipped.
+
+    Returns ({split: files}, files that matched no split), files in sorted path order.
     """
-    paths = sorted(Path(folder).expanduser().iterdir())
-    files = [str(p) for p in paths if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in EXTENSIONS]
-    if not files:
-        raise FileNotFoundError(f"{folder}: no data files in this folder; supported: {', '.join(EXTENSIONS)}")
+    root = Path(folder).expanduser()
+    files = [
+        p
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+        and p.suffix.lower() in EXTENSIONS
+        and p.name not in NOT_DATA
+        and not any(part.startswith((".", "__")) for part in p.relative_to(root).parts)
+    ]
     splits: dict[str, list[str]] = {}
     unmatched = []
-    for f in files:
-        split = split_of(Path(f).stem)
-        if split is None:
-            unmatched.append(f)
-        else:
-            splits.setdefault(split, []).append(f)
+    for p in files:
+        split = split_of(str(p.relative_to(root)))
+        if split is not None:
+            splits.setdefault(split, []).append(str(p))
+        elif p.parent == root:  # in a subfolder, only names with a split word are data (not tokenizer/*.json)
+            unmatched.append(str(p))
+    if not splits and not unmatched:
+        raise FileNotFoundError(f"{folder}: no data files in this folder; supported: {', '.join(EXTENSIONS)}")
     if not splits:
-        return {"train": files}, []
+        return {"train": unmatched}, []
     return splits, unmatched
 
 

@@ -1,10 +1,13 @@
 """Loading: file types, folder split discovery, the validation carve, the cache, hub datasets, CLI signature."""
 
+import logging
+
 import datasets
 import pytest
 
 from finetune.data import DataModule
 from finetune.data.encode import Encoder
+from finetune.data.sources import SPLIT_WORDS, split_of
 
 ROWS = [{"text": "the cat sat", "label": "pos"}, {"text": "a dog", "label": "neg"}, {"text": "hello", "label": "pos"}]
 
@@ -59,9 +62,64 @@ def test_folder_without_split_names_is_all_train_and_unmatched_files_warn(make_d
     write("d2/train.jsonl", ROWS)
     write("d2/notes.txt", ["stray"])
     dm = make_dm(path=str(tmp_path / "d2"))
-    with pytest.warns(UserWarning, match=r"ignoring \[.*notes.txt'\]: their names start with none of train"):
+    with pytest.warns(UserWarning, match=r"ignoring \[.*notes.txt'\]: their names hold no split word \(train: tr"):
         dm.setup("fit")
     assert dm.stats["train"]["rows"] == 3
+
+
+SPLIT_NAMES = {  # name (relative to the data folder) -> split; split words count only as whole words
+    "train-00000-of-00002.parquet": "train", "training_set.csv": "train", "Train.JSONL": "train",
+    "validation.jsonl": "validation", "val_2.csv": "validation", "dev.txt": "validation",
+    "valid/part.jsonl": "validation", "squad-dev.json": "validation", "test_a.jsonl": "test",
+    "eval.jsonl": "test", "imdb test.csv": "test", "train_test.jsonl": "train",  # the first split word decides
+    "valentine_stories.txt": None, "devices.csv": None, "testimonials.jsonl": None, "contest/evaluator.jsonl": None,
+    "pretrain.txt": None,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name, split", SPLIT_NAMES.items())
+def test_split_of_reads_whole_words(name, split):
+    assert split_of(name) == split
+
+
+@pytest.fixture
+def lightning_logs(caplog):
+    """Lightning's INFO lines (its logger does not propagate to the root logger that caplog listens on)."""
+    logger = logging.getLogger("lightning.pytorch")
+    logger.addHandler(caplog.handler)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def test_folder_splits_by_whole_words_and_logs_each_file(make_dm, tmp_path, write, lightning_logs):
+    names = [n for n in SPLIT_NAMES if n != "Train.JSONL"]  # a case-insensitive file system would merge it
+    for i, name in enumerate(names):
+        write(f"data/{name}", [f"row {i}" if name.endswith(".txt") else {"text": f"row {i}"}])
+    (tmp_path / "data" / ".hidden.jsonl").write_text('{"text": "hidden"}\n')
+    write("data/dataset_info.json", [{"text": "metadata"}])
+    write("data/tokenizer/tokenizer.json", [{"text": "not data"}])  # a subfolder file without a split word
+    dm = make_dm(path=str(tmp_path / "data"))
+    with pytest.warns(UserWarning) as warned:
+        dm.setup()
+    ignored = [str(tmp_path / "data" / n) for n in ("devices.csv", "pretrain.txt", "testimonials.jsonl")]
+    ignored.append(str(tmp_path / "data" / "valentine_stories.txt"))  # not contest/evaluator.jsonl: a subfolder
+    assert [str(w.message).split(": their")[0] for w in warned] == [f"path={tmp_path / 'data'}: ignoring {ignored}"]
+    expected = {s: sorted(f"row {i}" for i, n in enumerate(names) if SPLIT_NAMES[n] == s) for s in SPLIT_WORDS}
+    assert {s: sorted(texts(dm, s)) for s in expected} == expected
+    for name in names:  # one line per file that is read, naming the file and its split
+        line = f"data.path: {tmp_path / 'data' / name} -> {SPLIT_NAMES[name]} split"
+        assert (line in lightning_logs.text) == (SPLIT_NAMES[name] is not None), name
+    assert not any(word in lightning_logs.text for word in ("hidden", "dataset_info", "tokenizer"))
+
+
+def test_folder_of_only_unsplit_names_is_all_train(make_dm, tmp_path, write):
+    for name in ("valentine_stories.txt", "devices.csv", "testimonials.jsonl"):  # today's main: validation, test
+        write(f"data/{name}", [name if name.endswith(".txt") else {"text": name}])
+    write("data/tokenizer/vocab.json", [{"text": "not data"}])
+    dm = make_dm(path=str(tmp_path / "data"))
+    dm.setup()
+    assert dm.stats["train"]["rows"] == 3 and set(dm.stats) == {"train"}
 
 
 def test_single_file_path_is_train(make_dm, write):
