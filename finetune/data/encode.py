@@ -5,6 +5,7 @@ Besides the model inputs it writes ``length``, ``truncated`` and ``no_loss`` col
 the packing are computed without touching the token lists again.
 """
 
+import difflib
 import math
 
 import datasets
@@ -43,16 +44,25 @@ def resolve_columns(source: Source, fmt: str, fields: dict[str, str], predict: b
         if column in found:
             columns[field] = column
         elif (required and not (predict and field in TARGET_FIELDS)) or field in fields:
-            raise ValueError(
-                f"{source.name}: missing column {column!r} for the {field!r} field of the {fmt!r} format; columns "
-                f"found: {found}. Map fields to columns with `fields`, e.g. fields={{{field!r}: {found[0]!r}}}"
-                if found
-                else f"{source.name}: missing column {column!r} for the {field!r} field of the {fmt!r} format; the "
-                "file has no columns"
-            )
+            missing = f"{source.name}: missing column {column!r} for the {field!r} field of the {fmt!r} format"
+            if not found:
+                raise ValueError(f"{missing}; the file has no columns")
+            taken = {fields.get(f, f) for f in FIELDS[fmt]} & set(found)  # columns other fields already read
+            raise ValueError(f"{missing}; columns found: {found}. {_map_hint(field, column, found, taken)}")
         else:
             columns[field] = None
     return columns
+
+
+def _map_hint(field: str, column: str, found: list[str], taken: set[str]) -> str:
+    """How to map ``field`` with `fields`: to the free column whose name is closest to the missing one's (by
+    ``difflib`` similarity, case-insensitive), else to one of the free columns, listed."""
+    free = [c for c in found if c not in taken] or found
+    by_lower = {c.lower(): c for c in free}
+    close = difflib.get_close_matches(column.lower(), list(by_lower), n=1, cutoff=0.6)
+    if close:
+        return f"Map fields to columns with `fields`, e.g. fields={{{field!r}: {by_lower[close[0]]!r}}}"
+    return f"Map fields to columns with `fields`: fields={{{field!r}: <one of {free}>}}"
 
 
 def class_names(source: Source, column: str | None) -> list[str] | None:

@@ -67,7 +67,8 @@ def test_missing_column_names_file_column_field_and_found_columns(make_dm, write
         make_dm(format="instruction", train_files=path),
         match=re.escape(
             f"{path}: missing column 'instruction' for the 'instruction' field of the 'instruction' format; columns "
-            "found: ['prompt', 'answer']. Map fields to columns with `fields`"
+            "found: ['prompt', 'answer']. Map fields to columns with `fields`: fields={'instruction': <one of "
+            "['prompt', 'answer']>}"  # no column is named like 'instruction': all are listed
         ),
     )
     dm = make_dm(format="instruction", train_files=path, fields={"instruction": "prompt", "output": "answer"})
@@ -78,6 +79,22 @@ def test_missing_column_names_file_column_field_and_found_columns(make_dm, write
         ),
         match="missing column 'ctx' for the 'input' field",  # an optional field named explicitly must exist
     )
+
+
+@pytest.mark.parametrize(
+    "fmt, row, fields, hint",
+    [
+        ("instruction", {"output": "b", "instructions": "a"}, None, "fields={'instruction': 'instructions'}"),
+        ("text", {"id": 1, "Text": "hi"}, None, "fields={'text': 'Text'}"),  # case-insensitive
+        ("instruction", {"instruction": "a", "output": "b", "context": "c"}, {"input": "ctx"},
+         "fields={'input': 'context'}"),  # close to the column named in `fields`
+        ("chat", {"conversations": [], "message": "x"}, None, "fields={'messages': 'message'}"),
+    ],
+)  # fmt: skip
+def test_missing_column_hint_proposes_the_closest_free_column(make_dm, write, fmt, row, fields, hint):
+    path = write("train.jsonl", [row])
+    setup_error(make_dm(format=fmt, train_files=path, fields=fields), match=re.escape(f"Map fields to columns with "
+                f"`fields`, e.g. {hint}") + "$")  # fmt: skip
 
 
 NON_STRINGS = [  # (format, objective, rows, column, type found)
