@@ -93,6 +93,30 @@ def weight_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(f"{folder}: no weights (model.safetensors or pytorch_model.bin, single or sharded)")
 
 
+def unreadable_safetensors(file: Path, e: BaseException) -> ValueError:
+    """The error for a safetensors file that can't be read, naming it and what was expected."""
+    return ValueError(
+        f"{file}: cannot read safetensors ({e}); expected a complete safetensors file: it is truncated or corrupt "
+        "(an interrupted download or save?); download or save it again"
+    )
+
+
+def explain_unreadable_weights(path_or_name: str | os.PathLike, e: BaseException) -> ValueError:
+    """Names the weights file of a model folder that ``transformers`` failed to read: the first safetensors file
+    whose header can't be read (a truncated file), else the folder (or hub id) with the original error."""
+    folder = Path(path_or_name).expanduser()
+    if folder.is_dir():
+        with suppress(FileNotFoundError, ValueError):  # no weights or a broken index: name the folder
+            for file in weight_files(folder):
+                if file.suffix == ".safetensors":
+                    try:
+                        with safe_open(file, framework="pt"):
+                            pass
+                    except Exception as bad:
+                        return unreadable_safetensors(file, bad)
+    return ValueError(f"{path_or_name}: cannot read the model's safetensors weights ({e}); expected complete files")
+
+
 def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors by HF name, and the file each came from (for error messages)."""
     state, source = {}, {}
@@ -107,7 +131,7 @@ def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
                 with safe_open(file, framework="pt") as f:
                     tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
             except Exception as e:
-                raise ValueError(f"{file}: cannot read safetensors ({e})") from None
+                raise unreadable_safetensors(file, e) from None
         state.update(tensors)
         source.update(dict.fromkeys(tensors, file.name))
     return state, source
@@ -152,7 +176,7 @@ class LazyWeights(Mapping):
                     with safe_open(file, framework="pt") as f:
                         keys.update(dict.fromkeys(f.keys(), file))  # noqa: SIM118 (safe_open is not a dict)
                 except Exception as e:
-                    raise ValueError(f"{file}: cannot read safetensors ({e})") from None
+                    raise unreadable_safetensors(file, e) from None
         rename = _rename_map(family, keys) if family is not None else {k: k for k in keys}
         if prefix and not any(k.startswith(prefix) for k in rename.values()):  # saved from the bare base model
             rename = {k: prefix + v for k, v in rename.items()}

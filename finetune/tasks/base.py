@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from safetensors import SafetensorError
 from torch import nn
 from torchmetrics import MetricCollection
 
@@ -18,7 +19,7 @@ from finetune.bundled import resolve_path
 from finetune.data.collate import pad_id
 from finetune.models import from_config, from_hf
 from finetune.models.base import Backbone
-from finetune.models.hub import family_of, skeleton
+from finetune.models.hub import explain_unreadable_weights, family_of, skeleton
 from finetune.tasks.metrics import MetricSpec
 from finetune.tasks.optim import Schedule, adamw, lr_lambda, param_groups, warmup_steps
 
@@ -148,7 +149,10 @@ class Task(L.LightningModule):
 
             auto = getattr(transformers, self.auto_class)
             if p is not None and not empty:
-                return auto.from_pretrained(p, dtype=torch.float32, attn_implementation="sdpa", **overrides)
+                try:
+                    return auto.from_pretrained(p, dtype=torch.float32, attn_implementation="sdpa", **overrides)
+                except SafetensorError as e:  # it names no file
+                    raise explain_unreadable_weights(p, e) from e
             if p is not None:
                 hf_config = transformers.AutoConfig.from_pretrained(p, **overrides)
             else:

@@ -80,6 +80,31 @@ def test_corrupt_safetensors(hf_folder, tmp_path):
         from_hf(ckpt)
 
 
+@pytest.mark.parametrize("backend", ["scratch", "hf"])
+@pytest.mark.parametrize("sharded", [False, True])
+def test_corrupt_safetensors_is_named_on_both_backends(stand_in, tmp_path, backend, sharded):
+    """``transformers.from_pretrained`` raises a SafetensorError that names no file; the task names it."""
+    import re
+
+    import transformers as T
+
+    from finetune.tasks import CausalLM
+
+    ckpt = _copy(stand_in("gpt2"), tmp_path)
+    if sharded:
+        for f in ckpt.glob("model*.safetensors*"):
+            f.unlink()
+        T.AutoModelForCausalLM.from_pretrained(stand_in("gpt2")).save_pretrained(ckpt, max_shard_size="40KB")
+    bad = sorted(ckpt.glob("model*.safetensors"))[-1]
+    assert (bad.name == "model.safetensors") != sharded
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    task = CausalLM(pretrained=str(ckpt), backend=backend)
+    with pytest.raises(ValueError, match=re.escape(f"{bad}: cannot read safetensors (") + r".*\); expected a complete "
+                       "safetensors file: it is truncated or corrupt"):  # fmt: skip
+        task.build_model()
+
+
 def test_missing_shard(tmp_path):
     from conftest import make_hf
 
