@@ -61,9 +61,9 @@ def test_every_case_is_complete():
 def test_bad_input_is_reported(name, tmp_path, tokenizer_folder):
     folder = tmp_path / name
     shutil.copytree(CASES / name, folder)
-    case = fill(yaml.safe_load((folder / "case.yaml").read_text()), {"dir": str(folder)})
-    case = fill(case, {"tokenizer": str(tokenizer_folder("gpt"))})
+    subs = {"dir": str(folder), "tokenizer": str(tokenizer_folder("gpt"))}
+    case = fill(yaml.safe_load((folder / "case.yaml").read_text()), subs)
     with pytest.raises(getattr(builtins, case.get("error", "ValueError"))) as raised:
-        run_case(case, str(tokenizer_folder("gpt")), tmp_path / "cache")
+        run_case(case, subs["tokenizer"], tmp_path / "cache")
     for fragment in case["expect"]:
         assert fragment in str(raised.value), f"{name}: {fragment!r} not in the error:\n{raised.value}"
