@@ -19,6 +19,7 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from finetune.adapters import checkpoint_weights, hf_layout
+from finetune.data.templates import end_of_turn_id, tokenizer_chat_template
 from finetune.models.base import Backbone
 from finetune.models.hub import _family_of_model, _is_tied, atomic_folder, hf_config, resolve, write_weights
 from finetune.tasks.base import Task
@@ -353,6 +354,16 @@ def _generation_config(task: Task, config, folder: Path) -> None:
         shutil.copyfile(base, folder / "generation_config.json")
     else:
         GenerationConfig.from_model_config(config).save_pretrained(folder)
+    # The chat template's end of turn stops generation too (eos_token_id becomes a list, as Llama 3 ships it).
+    tok = task.tokenizer
+    eot = end_of_turn_id(tok, tokenizer_chat_template(tok))
+    if eot is not None:
+        generation = GenerationConfig.from_pretrained(folder)
+        eos = generation.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if eot not in eos:
+            generation.eos_token_id = [*eos, eot]
+            generation.save_pretrained(folder)
 
 
 def _write_adapter(run: Run, model: nn.Module, folder: Path, *, base: Path | None) -> None:

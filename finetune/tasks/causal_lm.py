@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.data.collate import prompt_ids
+from finetune.data.templates import tokenizer_chat_template, with_end_of_turn
 from finetune.generation import context_length, generate
 from finetune.models.base import DecoderLM
 from finetune.models.hub import SUPPORTED_MODEL_TYPES, family_of
@@ -131,12 +132,19 @@ class CausalLM(Task):
         return out
 
     # -------------------------------------------------------------------------------------- generation
+    def stop_ids(self) -> list[int]:
+        """What ends a generation: EOS, and the chat template's end of turn (the data's template, else the
+        tokenizer's), so a chat model stops after its answer instead of writing the next turn."""
+        tok = self.tokenizer
+        template = getattr(self.datamodule, "used_chat_template", None) or tokenizer_chat_template(tok)
+        return with_end_of_turn([tok.eos_token_id] if tok.eos_token_id is not None else [], tok, template)
+
     @torch.no_grad()
     def generate_ids(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int | None = 0, max_new_tokens=None
     ):
         """Left-padded prompts (B, T) -> generated continuations (B, max_new_tokens), EOS-terminated rows padded."""
-        h, tok, pad = self.hparams, self.tokenizer, self.pad_token_id
+        h, pad, stops = self.hparams, self.pad_token_id, self.stop_ids() or None
         max_new_tokens = max_new_tokens or h.max_new_tokens
         if self.is_hf:
             sampling = h.temperature > 0
@@ -149,7 +157,7 @@ class CausalLM(Task):
                 top_k=h.top_k if sampling else None,
                 top_p=h.top_p if sampling else None,
                 pad_token_id=pad,
-                eos_token_id=tok.eos_token_id,
+                eos_token_id=stops,
             )
         else:
             out = generate(
@@ -161,7 +169,7 @@ class CausalLM(Task):
                 top_k=h.top_k,
                 top_p=h.top_p,
                 seed=seed,
-                eos_token_id=tok.eos_token_id,
+                eos_token_id=stops,
                 pad_token_id=pad,
             )
         return out[:, input_ids.size(1) :]
