@@ -1,5 +1,7 @@
 """Causal language modelling: pretraining and supervised fine-tuning (text, instruction and chat data)."""
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -195,8 +197,36 @@ class CausalLM(Task):
             self.model.train(was_training)
         return prompt + self.decode(new)[0]
 
+    def fit_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: list[int]):
+        """Left-padded prompts (B, T) cut so that each, with ``max_new_tokens`` more, fits the model's context: the
+        start of an over-long prompt goes and its end stays (where generation continues), as the data cuts prompts
+        over ``max_length``; a warning names each row cut. Returns the prompts, their mask and which rows were cut."""
+        n = self.hparams.max_new_tokens
+        context = context_length(self.model)
+        if context is None:
+            return input_ids, attention_mask, [False] * len(rows)
+        room = context[0] - n
+        if room < 1:
+            raise ValueError(f"model.max_new_tokens={n} leaves no room for a prompt in the model's context of "
+                             f"{context[0]} positions ({context[1]}); lower max_new_tokens")  # fmt: skip
+        lengths = attention_mask.sum(1).tolist()  # (B,)
+        cut = [length > room for length in lengths]
+        for row, length, c in zip(rows, lengths, cut, strict=True):
+            if c:
+                warnings.warn(
+                    f"predict row {row}: the prompt's {length} tokens and max_new_tokens={n} exceed the model's "
+                    f"context of {context[0]}; its first {length - room} tokens were cut (truncated: true)",
+                    stacklevel=2,
+                )
+        if input_ids.size(1) > room:  # left padding: the last `room` columns hold the end of every row
+            input_ids, attention_mask = input_ids[:, -room:], attention_mask[:, -room:]
+        return input_ids, attention_mask, cut
+
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        new = self.generate_ids(batch["input_ids"], batch["attention_mask"], seed=batch_idx)
-        prompts = self.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
         rows = batch["row"].tolist()
-        return [{"row": r, "prompt": p, "output": o} for r, p, o in zip(rows, prompts, self.decode(new), strict=True)]
+        ids, mask, cut = self.fit_context(batch["input_ids"], batch["attention_mask"], rows)
+        new = self.generate_ids(ids, mask, seed=batch_idx)
+        prompts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        outputs = self.decode(new)
+        return [{"row": r, "prompt": p, "output": o, "truncated": c}
+                for r, p, o, c in zip(rows, prompts, outputs, cut, strict=True)]  # fmt: skip
