@@ -131,7 +131,14 @@ class RunFolder(L.Callback):
         run.mkdir(parents=True, exist_ok=True)
         tokenizer = getattr(pl_module, "tokenizer", None)
         if tokenizer is not None:
-            tokenizer.save_pretrained(run / "tokenizer")
+            # Chat data: the template it was rendered with goes with the tokenizer (and so into every export).
+            template = getattr(trainer.datamodule, "used_chat_template", None)
+            own = tokenizer.chat_template
+            tokenizer.chat_template = template or own
+            try:
+                tokenizer.save_pretrained(run / "tokenizer")
+            finally:
+                tokenizer.chat_template = own
         model = getattr(pl_module, "model", None)
         config = getattr(model, "config", None)
         if config is not None:

@@ -19,8 +19,9 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from finetune.adapters import checkpoint_weights, hf_layout
+from finetune.data.templates import end_of_turn_id, tokenizer_chat_template
 from finetune.models.base import Backbone
-from finetune.models.hub import _family_of_model, atomic_folder, hf_config, resolve, write_weights
+from finetune.models.hub import _family_of_model, _is_tied, atomic_folder, hf_config, resolve, write_weights
 from finetune.tasks.base import Task
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -110,8 +111,11 @@ def _backbone(model: nn.Module) -> Backbone:
 class Values:
     """Output tensors by our name: merged adapter layers, trained tensors, else the frozen base's."""
 
-    def __init__(self, run: Run, plain: nn.Module, tuned: nn.Module, *, merge: bool) -> None:
+    def __init__(
+        self, run: Run, plain: nn.Module, tuned: nn.Module, *, merge: bool, untied: dict[str, str] | None = None
+    ) -> None:
         self.model, self.merge = tuned, merge
+        self.untied = untied or {}  # an output head untied from its embedding (see ``untie_trained_pair``)
         self.trained = run.trained
         self.base = base_weights(run.task, plain)
         self.to_hf = {n: (h, t) for n, h, t in hf_layout(plain)}
@@ -122,6 +126,8 @@ class Values:
     def base_tensor(self, name: str) -> torch.Tensor:
         """The base checkpoint's tensor, in our layout."""
         hf_key, transposed = self.to_hf[name]
+        if hf_key not in self.base and name in self.untied:  # a tied checkpoint holds the pair once
+            return self.base_tensor(self.untied[name])
         if hf_key not in self.base:
             raise KeyError(f"{hf_key}: neither in the base checkpoint nor trained")
         t = self.base[hf_key]
@@ -168,6 +174,49 @@ class Values:
         layer.merged_adapters.clear()
         self._merged[owner] = out
         return out
+
+
+def tied_pair(model: nn.Module) -> tuple[str, str] | None:
+    """Our (output weight, input embedding weight) names when ``model`` shares one matrix between them."""
+    backbone = _scratch_backbone(model)
+    if backbone is not None:
+        family = _family_of_model(backbone)
+        if not family.tied or not _is_tied(backbone, family):
+            return None
+        prefix = "" if backbone is model else "decoder."
+        return f"{prefix}{family.tied[0]}", f"{prefix}{family.tied[1]}"
+    get_out, get_in = getattr(model, "get_output_embeddings", None), getattr(model, "get_input_embeddings", None)
+    out, inp = (get_out() if callable(get_out) else None), (get_in() if callable(get_in) else None)
+    if out is None or inp is None or out.weight is not inp.weight:
+        return None
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    return f"{names[id(out)]}.weight", f"{names[id(inp)]}.weight"
+
+
+def untie_trained_pair(plain: nn.Module, tuned: nn.Module) -> dict[str, str]:
+    """Unties ``plain``'s output head from its embedding when the adapter trains one side of the pair: peft wraps
+    that module (``modules_to_save``, or LoRA on the embedding), so the trained model computes with two matrices, the
+    trained one and the frozen base's, and a tied export would lose one of them. The merged model then holds both
+    (``tie_word_embeddings: false``). Returns {output name: embedding name} (the untied head's base tensor is the
+    embedding's, which a tied checkpoint stores once); empty when nothing is untied."""
+    pair = tied_pair(plain)
+    if pair is None or plain is tuned:
+        return {}
+    wrapped = lambda n: isinstance(tuned.get_submodule(n.rpartition(".")[0]), (BaseTunerLayer, ModulesToSaveWrapper))  # noqa: E731
+    if not any(wrapped(n) for n in pair):
+        return {}
+    out_name, emb_name = pair
+    owner, _, pname = out_name.rpartition(".")
+    head = plain.get_submodule(owner)
+    setattr(head, pname, nn.Parameter(torch.empty_like(getattr(head, pname)), requires_grad=False))  # (V, C), meta
+    (_scratch_backbone(plain) or plain).config.tie_word_embeddings = False
+    return {out_name: emb_name}
+
+
+def _scratch_backbone(model: nn.Module) -> Backbone | None:
+    """Our from-scratch backbone of ``model`` (itself, or the decoder under a classifier); None for HF models."""
+    backbone = model if isinstance(model, Backbone) else getattr(model, "decoder", None)
+    return backbone if isinstance(backbone, Backbone) else None
 
 
 def plan(plain: nn.Module, dtype: torch.dtype, *, only_in=None) -> tuple[dict, dict]:
@@ -254,7 +303,7 @@ def _models(run: Run) -> tuple[nn.Module, nn.Module]:
 def merged_state(run: Run) -> tuple[object, dict[str, torch.Tensor]]:
     """The run's model merged, in memory: its ``transformers`` config and HF-named tensors (for generation)."""
     plain, tuned = _models(run)
-    values = Values(run, plain, tuned, merge=True)
+    values = Values(run, plain, tuned, merge=True, untied=untie_trained_pair(plain, tuned))
     state = {hf_key: values.hf(name, transposed) for name, hf_key, transposed in hf_layout(plain)}
     return _config(run.task, plain), state
 
@@ -263,7 +312,8 @@ def _write_model(
     run: Run, plain: nn.Module, tuned: nn.Module, folder: Path, *, dtype, max_shard_size: int, merge: bool
 ) -> None:
     """config.json, generation_config.json (generators), and the weights, streamed shard by shard."""
-    values = Values(run, plain, tuned, merge=merge)
+    untied = untie_trained_pair(plain, tuned) if merge else {}  # an adapter's base/ stays as the base was
+    values = Values(run, plain, tuned, merge=merge, untied=untied)
     entries, source = plan(plain, dtype, only_in=None if merge else values.base)
     config = _config(run.task, plain)
     config.dtype = str(dtype).removeprefix("torch.")
@@ -304,6 +354,16 @@ def _generation_config(task: Task, config, folder: Path) -> None:
         shutil.copyfile(base, folder / "generation_config.json")
     else:
         GenerationConfig.from_model_config(config).save_pretrained(folder)
+    # The chat template's end of turn stops generation too (eos_token_id becomes a list, as Llama 3 ships it).
+    tok = task.tokenizer
+    eot = end_of_turn_id(tok, tokenizer_chat_template(tok))
+    if eot is not None:
+        generation = GenerationConfig.from_pretrained(folder)
+        eos = generation.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if eot not in eos:
+            generation.eos_token_id = [*eos, eot]
+            generation.save_pretrained(folder)
 
 
 def _write_adapter(run: Run, model: nn.Module, folder: Path, *, base: Path | None) -> None:

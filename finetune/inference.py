@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from finetune.data.collate import prompt_ids
-from finetune.data.templates import CHATML, tokenizer_chat_template
+from finetune.data.templates import CHATML, end_of_turn, tokenizer_chat_template, with_end_of_turn
 from finetune.models.base import Backbone
 
 # Files any one of which means "this folder has a tokenizer" (fast, BPE pair, SentencePiece).
@@ -64,7 +64,8 @@ def _load_hf(folder: Path) -> Loaded:
         )
     model = from_hf(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    return Loaded(model, tokenizer, str(folder), _eos_ids(model, tokenizer, folder / "generation_config.json"))
+    stops = _eos_ids(model, tokenizer, folder / "generation_config.json")
+    return Loaded(model, tokenizer, str(folder), with_end_of_turn(stops, tokenizer, tokenizer_chat_template(tokenizer)))
 
 
 def _load_run(folder: Path, ckpt: str) -> Loaded:
@@ -83,7 +84,9 @@ def _load_run(folder: Path, ckpt: str) -> Loaded:
     config, state = merged_state(run)  # the adapter merged per layer, as in export
     model = from_state(config.to_dict(), state, where=str(run.ckpt))
     data = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("data") or {}
-    return Loaded(model, task.tokenizer, str(folder), _eos_ids(model, task.tokenizer), data.get("chat_template"))
+    tok = task.tokenizer  # the run's tokenizer/: a chat run saved its template there (RunFolder)
+    template = data.get("chat_template") or tokenizer_chat_template(tok)
+    return Loaded(model, tok, str(folder), with_end_of_turn(_eos_ids(model, tok), tok, template), template)
 
 
 def _eos_ids(model: Backbone, tokenizer, generation_config: Path | None = None) -> list[int]:
@@ -216,9 +219,8 @@ class Chat:
         self.loaded, self.sampling, self.system = loaded, sampling, system
         tok = loaded.tokenizer
         self.template = loaded.chat_template or tokenizer_chat_template(tok) or CHATML
-        self.end_of_turn = _end_of_turn(tok, self.template)
-        end_id = tok(self.end_of_turn, add_special_tokens=False)["input_ids"] if self.end_of_turn else []
-        self.stop_ids = loaded.stop_ids + (end_id if len(end_id) == 1 else [])
+        self.end_of_turn = end_of_turn(tok, self.template)
+        self.stop_ids = with_end_of_turn(loaded.stop_ids, tok, self.template)
         self.session = Session(loaded.model)
         self.generator = None
         if sampling.seed is not None:
@@ -256,16 +258,3 @@ class Chat:
             reply = reply[: reply.index(self.end_of_turn)]
         self.messages = [*messages, {"role": "assistant", "content": reply.strip()}]
         return reply
-
-
-def _end_of_turn(tokenizer, template: str) -> str | None:
-    """What the template writes after an assistant message (``<|im_end|>``, ``<|eot_id|>``, ``</s>``), if any."""
-    from finetune.data.templates import render
-
-    mark = "\x00answer\x00"
-    try:
-        text = render(tokenizer, template, [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}],
-                      False)  # fmt: skip
-    except Exception:
-        return None
-    return text[text.rindex(mark) + len(mark) :].strip() or None if mark in text else None

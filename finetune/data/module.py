@@ -226,6 +226,14 @@ class DataModule(L.LightningDataModule):
         return self.tokenizer
 
     @property
+    def used_chat_template(self) -> str | None:
+        """The Jinja template chat rows are rendered with: ``chat_template``, else the tokenizer's, else ChatML;
+        None for the other formats. The run saves it with its tokenizer, and its end of turn stops generation."""
+        if self.format != "chat":
+            return None
+        return self.chat_template or tokenizer_chat_template(self._load_tokenizer()) or CHATML
+
+    @property
     def pad_token_id(self) -> int:
         """The tokenizer's pad token, else its EOS, else 0."""
         return pad_id(self._load_tokenizer())
@@ -310,9 +318,7 @@ class DataModule(L.LightningDataModule):
     def _encode_source(self, source: Source, split: str) -> datasets.Dataset:
         predict = split == "predict"
         columns = resolve_columns(source, self.format, self.fields, predict)
-        template = None
-        if self.format == "chat":
-            template = self.chat_template or tokenizer_chat_template(self.tokenizer) or CHATML
+        template = self.used_chat_template
         encoder = Encoder(
             source=source,
             columns=columns,

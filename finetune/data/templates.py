@@ -51,6 +51,36 @@ def render(tokenizer, template: str, messages: list[dict], generation_prompt: bo
     )
 
 
+def end_of_turn(tokenizer, template: str | None) -> str | None:
+    """What the template writes after an assistant message (``<|im_end|>``, ``<|eot_id|>``, ``</s>``), if any."""
+    if not template:
+        return None
+    mark = "\x00answer\x00"
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}]
+    try:
+        text = render(tokenizer, template, messages, False)
+    except Exception:
+        return None
+    return text[text.rindex(mark) + len(mark) :].strip() or None if mark in text else None
+
+
+def end_of_turn_id(tokenizer, template: str | None) -> int | None:
+    """The token id that ends an assistant turn of ``template``, a stop for generation next to EOS: only when the
+    end-of-turn mark is one token the tokenizer keeps whole (a special or added token, never plain text that a
+    model writes mid-answer)."""
+    mark = end_of_turn(tokenizer, template)
+    if mark is None or mark not in tokenizer.get_added_vocab():
+        return None
+    ids = tokenizer(mark, add_special_tokens=False)["input_ids"]
+    return ids[0] if len(ids) == 1 else None
+
+
+def with_end_of_turn(stop_ids: list[int], tokenizer, template: str | None) -> list[int]:
+    """``stop_ids`` and the template's end-of-turn id (``end_of_turn_id``), once each."""
+    eot = end_of_turn_id(tokenizer, template)
+    return list(dict.fromkeys([*stop_ids, *([eot] if eot is not None else [])]))
+
+
 class TemplateError(ValueError):
     """The chat template can't be used to find the assistant tokens of a conversation."""
 

@@ -1,10 +1,13 @@
 """Causal language modelling: pretraining and supervised fine-tuning (text, instruction and chat data)."""
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from finetune.data.collate import prompt_ids
+from finetune.data.templates import tokenizer_chat_template, with_end_of_turn
 from finetune.generation import context_length, generate
 from finetune.models.base import DecoderLM
 from finetune.models.hub import SUPPORTED_MODEL_TYPES, family_of
@@ -131,12 +134,19 @@ class CausalLM(Task):
         return out
 
     # -------------------------------------------------------------------------------------- generation
+    def stop_ids(self) -> list[int]:
+        """What ends a generation: EOS, and the chat template's end of turn (the data's template, else the
+        tokenizer's), so a chat model stops after its answer instead of writing the next turn."""
+        tok = self.tokenizer
+        template = getattr(self.datamodule, "used_chat_template", None) or tokenizer_chat_template(tok)
+        return with_end_of_turn([tok.eos_token_id] if tok.eos_token_id is not None else [], tok, template)
+
     @torch.no_grad()
     def generate_ids(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int | None = 0, max_new_tokens=None
     ):
         """Left-padded prompts (B, T) -> generated continuations (B, max_new_tokens), EOS-terminated rows padded."""
-        h, tok, pad = self.hparams, self.tokenizer, self.pad_token_id
+        h, pad, stops = self.hparams, self.pad_token_id, self.stop_ids() or None
         max_new_tokens = max_new_tokens or h.max_new_tokens
         if self.is_hf:
             sampling = h.temperature > 0
@@ -149,7 +159,7 @@ class CausalLM(Task):
                 top_k=h.top_k if sampling else None,
                 top_p=h.top_p if sampling else None,
                 pad_token_id=pad,
-                eos_token_id=tok.eos_token_id,
+                eos_token_id=stops,
             )
         else:
             out = generate(
@@ -161,7 +171,7 @@ class CausalLM(Task):
                 top_k=h.top_k,
                 top_p=h.top_p,
                 seed=seed,
-                eos_token_id=tok.eos_token_id,
+                eos_token_id=stops,
                 pad_token_id=pad,
             )
         return out[:, input_ids.size(1) :]
@@ -187,8 +197,36 @@ class CausalLM(Task):
             self.model.train(was_training)
         return prompt + self.decode(new)[0]
 
+    def fit_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: list[int]):
+        """Left-padded prompts (B, T) cut so that each, with ``max_new_tokens`` more, fits the model's context: the
+        start of an over-long prompt goes and its end stays (where generation continues), as the data cuts prompts
+        over ``max_length``; a warning names each row cut. Returns the prompts, their mask and which rows were cut."""
+        n = self.hparams.max_new_tokens
+        context = context_length(self.model)
+        if context is None:
+            return input_ids, attention_mask, [False] * len(rows)
+        room = context[0] - n
+        if room < 1:
+            raise ValueError(f"model.max_new_tokens={n} leaves no room for a prompt in the model's context of "
+                             f"{context[0]} positions ({context[1]}); lower max_new_tokens")  # fmt: skip
+        lengths = attention_mask.sum(1).tolist()  # (B,)
+        cut = [length > room for length in lengths]
+        for row, length, c in zip(rows, lengths, cut, strict=True):
+            if c:
+                warnings.warn(
+                    f"predict row {row}: the prompt's {length} tokens and max_new_tokens={n} exceed the model's "
+                    f"context of {context[0]}; its first {length - room} tokens were cut (truncated: true)",
+                    stacklevel=2,
+                )
+        if input_ids.size(1) > room:  # left padding: the last `room` columns hold the end of every row
+            input_ids, attention_mask = input_ids[:, -room:], attention_mask[:, -room:]
+        return input_ids, attention_mask, cut
+
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        new = self.generate_ids(batch["input_ids"], batch["attention_mask"], seed=batch_idx)
-        prompts = self.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
         rows = batch["row"].tolist()
-        return [{"row": r, "prompt": p, "output": o} for r, p, o in zip(rows, prompts, self.decode(new), strict=True)]
+        ids, mask, cut = self.fit_context(batch["input_ids"], batch["attention_mask"], rows)
+        new = self.generate_ids(ids, mask, seed=batch_idx)
+        prompts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        outputs = self.decode(new)
+        return [{"row": r, "prompt": p, "output": o, "truncated": c}
+                for r, p, o, c in zip(rows, prompts, outputs, cut, strict=True)]  # fmt: skip
