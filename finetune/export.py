@@ -19,6 +19,7 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from finetune.adapters import checkpoint_weights, hf_layout
+from finetune.folders import check_target
 from finetune.models.base import Backbone
 from finetune.models.hub import _family_of_model, atomic_folder, hf_config, resolve, write_weights
 from finetune.tasks.base import Task
@@ -202,15 +203,14 @@ def export(
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise FileExistsError(f"{out}: exists and is not empty (pass --force to replace it)")
+    check_target(out, overwrite=force, protect=[Path(run_dir)])  # before the (slow) load; again at the rename
     run = load_run(run_dir, ckpt)
     task = run.task
     if format == "adapter" and task.adapter_spec is None:
         raise ValueError(f"{run.folder}: a full fine-tune has no adapter to export; use --format merged")
     plain, tuned = _models(run)
     write = dict(dtype=_dtype(run, dtype), max_shard_size=max_shard_size)
-    with atomic_folder(out, overwrite=force) as tmp:
+    with atomic_folder(out, overwrite=force, protect=_read_from(run)) as tmp:
         if format == "merged":
             _write_model(run, plain, tuned, tmp, merge=True, **write)
             task.tokenizer.save_pretrained(tmp)
@@ -224,6 +224,13 @@ def export(
             _write_adapter(run, tuned, tmp, base=out.resolve() / "base" if base else None)
             task.tokenizer.save_pretrained(tmp)
     return out
+
+
+def _read_from(run: Run) -> list[Path]:
+    """What an export reads: the run folder, its checkpoint and a local base folder (never replaced by --force)."""
+    pretrained = run.task.hparams.pretrained
+    base = [Path(pretrained).expanduser()] if pretrained and Path(pretrained).expanduser().exists() else []
+    return [run.folder, run.ckpt, *base]
 
 
 def _dtype(run: Run, name: str | None) -> torch.dtype:
