@@ -323,6 +323,18 @@ def _device(args: argparse.Namespace) -> str:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _check_out_file(out: Path, prompts: Path | None, *, force: bool) -> None:
+    """``generate --out``: never the prompts file itself (even with --force); an existing file only with --force."""
+    if not out.exists():
+        return
+    if prompts is not None and prompts.exists() and out.samefile(prompts):
+        raise ValueError(f"--out {out}: is the --prompts file {prompts}; write the outputs to another file")
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a folder; give a file path")
+    if not force:
+        raise FileExistsError(f"--out {out}: exists (pass --force to replace it)")
+
+
 def generate_command(argv: list[str]) -> int:
     from finetune import inference
 
@@ -336,6 +348,7 @@ def generate_command(argv: list[str]) -> int:
     src.add_argument("--prompt", help="the text to continue")
     src.add_argument("--prompts", metavar="FILE.jsonl", help='one {"prompt": ...} per line')
     parser.add_argument("--out", metavar="FILE.jsonl", help="with --prompts: write here (default: stdout)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out file")
     parser.add_argument("--stream", action="store_true", help="with --prompt: print tokens as they come")
     parser.add_argument(
         "--draft",
@@ -346,6 +359,8 @@ def generate_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         sampling = _sampling(args)
+        if args.out:
+            _check_out_file(Path(args.out), Path(args.prompts) if args.prompts else None, force=args.force)
         rows = inference.read_prompts(Path(args.prompts)) if args.prompts else [{"prompt": args.prompt}]
         loaded = inference.load(args.model, ckpt=args.ckpt, device=_device(args))
         draft = None
@@ -364,7 +379,7 @@ def generate_command(argv: list[str]) -> int:
             outputs.append({**row, "output": text})
             if stats is not None:
                 proposed, accepted = proposed + stats.proposed, accepted + stats.accepted
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"finetune generate: error: {e}", file=sys.stderr)
         return 2
     if args.prompt is not None:

@@ -6,7 +6,6 @@ at a time, and written into the current shard. Peak memory is about one shard pl
 (``scripts/bench_export.py``: 0.22x the memory of HF+PEFT ``merge_and_unload`` + ``save_pretrained``).
 """
 
-import importlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -20,9 +19,10 @@ from torch import nn
 
 from finetune.adapters import checkpoint_weights, hf_layout
 from finetune.data.templates import end_of_turn_id, tokenizer_chat_template
+from finetune.folders import check_target
 from finetune.models.base import Backbone
 from finetune.models.hub import _family_of_model, _is_tied, atomic_folder, hf_config, resolve, write_weights
-from finetune.tasks.base import Task
+from finetune.tasks import Task, plain_hparams, task_class
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SHARD_SIZE = 5 * 2**30  # as save_pretrained
@@ -70,11 +70,26 @@ def checkpoint_path(run: Path, ckpt: str) -> Path:
     return path
 
 
+def _model_class_path(config_file: Path) -> object:
+    """``model.class_path`` of a run's config.yaml (read as plain YAML: no tags, nothing constructed)."""
+    try:
+        config = yaml.safe_load(config_file.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{config_file}: cannot read the run's config ({e})") from None
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict) or "class_path" not in model:
+        raise ValueError(f"{config_file}: no model.class_path (expected the config.yaml a fit writes)")
+    return model["class_path"]
+
+
 def load_run(run_dir: str | Path, ckpt: str = "best") -> Run:
+    """A run folder's task, rebuilt from its checkpoint. The folder is untrusted: only the toolkit's registered
+    task classes are built (``task_class``), from the checkpoint's plain-data hyperparameters (``plain_hparams``)."""
     run = Path(run_dir)
     config_file = run / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"{run}: not a run folder (no config.yaml); give the trainer.default_root_dir of a fit")
+    cls = task_class(_model_class_path(config_file), where=str(config_file))  # a registered task, or refused
     path = checkpoint_path(run, ckpt)
     if path.is_dir():
         raise ValueError(f"{path}: a distributed (sharded) checkpoint; consolidate it into one file first "
@@ -83,12 +98,9 @@ def load_run(run_dir: str | Path, ckpt: str = "best") -> Run:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise ValueError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
-    config = yaml.safe_load(config_file.read_text())
-    class_path = config["model"]["class_path"]
-    module, _, name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    hparams = dict(checkpoint["hyper_parameters"])
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
     hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}  # LightningCLI's own entries
+    hparams = plain_hparams(hparams, cls, where=str(path))
     if (run / "tokenizer").is_dir():
         hparams["tokenizer"] = str(run / "tokenizer")  # as saved at fit start
     task = cls(**hparams)
@@ -251,15 +263,14 @@ def export(
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise FileExistsError(f"{out}: exists and is not empty (pass --force to replace it)")
+    check_target(out, overwrite=force, protect=[Path(run_dir)])  # before the (slow) load; again at the rename
     run = load_run(run_dir, ckpt)
     task = run.task
     if format == "adapter" and task.adapter_spec is None:
         raise ValueError(f"{run.folder}: a full fine-tune has no adapter to export; use --format merged")
     plain, tuned = _models(run)
     write = dict(dtype=_dtype(run, dtype), max_shard_size=max_shard_size)
-    with atomic_folder(out, overwrite=force) as tmp:
+    with atomic_folder(out, overwrite=force, protect=_read_from(run)) as tmp:
         if format == "merged":
             _write_model(run, plain, tuned, tmp, merge=True, **write)
             task.tokenizer.save_pretrained(tmp)
@@ -273,6 +284,13 @@ def export(
             _write_adapter(run, tuned, tmp, base=out.resolve() / "base" if base else None)
             task.tokenizer.save_pretrained(tmp)
     return out
+
+
+def _read_from(run: Run) -> list[Path]:
+    """What an export reads: the run folder, its checkpoint and a local base folder (never replaced by --force)."""
+    pretrained = run.task.hparams.pretrained
+    base = [Path(pretrained).expanduser()] if pretrained and Path(pretrained).expanduser().exists() else []
+    return [run.folder, run.ckpt, *base]
 
 
 def _dtype(run: Run, name: str | None) -> torch.dtype:

@@ -216,3 +216,23 @@ def test_not_a_model_folder(tmp_path, capsys):
 def test_draft_with_another_tokenizer_is_refused(model_dir, stand_in, capsys):
     code, _, err = run_generate(capsys, str(model_dir), "--prompt", "hi", "--draft", str(stand_in("llama")))
     assert code == 2 and "its tokenizer differs from the target's" in err
+
+
+def test_out_is_never_the_prompts_file_and_an_existing_out_needs_force(model_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "the cat"}\n')
+    args = [str(model_dir), "--prompts", str(prompts), "--max-new-tokens", "3", "--temperature", "0"]
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(prompts)
+    for same in (prompts, link):  # the file itself, or a path to it (resolved)
+        code, _, err = run_generate(capsys, *args, "--out", str(same), "--force")
+        assert code == 2 and f"--out {same}: is the --prompts file {prompts}" in err
+    assert prompts.read_text() == '{"prompt": "the cat"}\n'
+
+    out = tmp_path / "o.jsonl"
+    out.write_text("mine\n")
+    code, _, err = run_generate(capsys, *args, "--out", str(out))
+    assert code == 2 and f"--out {out}: exists (pass --force to replace it)" in err
+    assert out.read_text() == "mine\n"
+    assert run_generate(capsys, *args, "--out", str(out), "--force")[0] == 0
+    assert json.loads(out.read_text())["prompt"] == "the cat" and "output" in json.loads(out.read_text())

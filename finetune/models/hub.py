@@ -7,16 +7,15 @@ import logging
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from finetune.folders import atomic_folder
 from finetune.models import bert, gpt2, llama, t5
 from finetune.models.base import Backbone
 from finetune.models.family import Family
@@ -403,29 +402,6 @@ def _release_freed_memory() -> None:
     streamed export would otherwise grow by about a shard per shard written); a no-op off glibc."""
     with suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-@contextmanager
-def atomic_folder(out_dir: str | os.PathLike, *, overwrite: bool = False):
-    """Yields a temporary folder beside ``out_dir`` that becomes ``out_dir`` when the block succeeds; on any
-    failure it is removed, and an existing ``out_dir`` is left as it was. A non-empty target needs ``overwrite``."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out}: exists and is not empty (pass --force / overwrite=True to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        old = None
-        if out.exists():  # moved aside, not deleted, until the new folder is in place
-            old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_weights(

@@ -48,16 +48,17 @@ def test_not_a_run_folder(tmp_path):
         export(tmp_path, tmp_path / "out", format="adapter")
 
 
-def test_a_non_empty_target_needs_force(tmp_path, trained):
+def test_a_non_empty_target_that_is_not_an_export_is_kept_even_with_force(tmp_path, trained):
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    with pytest.raises(FileExistsError, match="out: exists and is not empty .*--force"):
-        export(trained[0], out, format="merged", ckpt="last")
+    for force in (False, True):
+        with pytest.raises(FileExistsError, match="out: exists, is not empty and is not an earlier export"):
+            export(trained[0], out, format="merged", ckpt="last", force=force)
     assert _left(out) == ["mine.txt"] and _left(tmp_path) == ["out"]
-    export(trained[0], out, format="merged", ckpt="last", force=True)
-    assert "mine.txt" not in _left(out) and "model.safetensors" in _left(out)
-    assert _left(tmp_path) == ["out"]  # no temporary or old folder left
+    (out / "mine.txt").unlink()
+    export(trained[0], out, format="merged", ckpt="last")  # an empty folder is filled
+    assert "model.safetensors" in _left(out) and _left(tmp_path) == ["out"]  # no temporary or old folder left
     T.AutoModelForCausalLM.from_pretrained(out)
 
 

@@ -123,8 +123,7 @@ def test_unknown_override(hf_folder):
 def test_to_hf_refuses_a_non_empty_folder_and_leaves_nothing_on_failure(hf_folder, tmp_path, monkeypatch):
     _, folder = hf_folder("gpt2")
     model = from_hf(folder)
-    target = tmp_path / "out"
-    target.mkdir()
+    target = to_hf(model, tmp_path / "out")  # an earlier export: replaceable with overwrite=True only
     (target / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="out: exists and is not empty"):
         to_hf(model, target)
