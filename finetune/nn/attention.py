@@ -152,6 +152,14 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v)
+        gqa = self.n_kv_heads != self.n_heads
+        if gqa and mask is not None:
+            # On CUDA only the flash kernel implements enable_gqa, and flash takes no mask: a masked GQA call (packed
+            # rows, padded batches, padded generation) would fall back to the math kernel, B*H*T^2 fp32 scores.
+            # Repeating K/V to n_heads, as transformers does, lets the memory-efficient kernel take the mask.
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, S, D)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            gqa = False
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -160,7 +168,7 @@ class Attention(nn.Module):
             is_causal=is_causal and mask is None,
             scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
+            enable_gqa=gqa,
         )  # (B, H, T, D)
         return modules[n.o](y.transpose(1, 2).flatten(2))  # (B, T, C)
 

@@ -74,6 +74,30 @@ def test_padding_mask_hides_padded_keys():
     assert not out.isnan().any()  # padding queries, which see no key, do not produce NaN
 
 
+@pytest.mark.parametrize("n_kv_heads", [2, 1], ids=["GQA", "MQA"])
+def test_masked_gqa_repeats_kv_heads_instead_of_enable_gqa(n_kv_heads, monkeypatch):
+    """On CUDA enable_gqa runs only in the flash kernel, which takes no mask: a masked GQA call must give SDPA
+    repeated K/V (all n_heads) and no enable_gqa, so a kernel that takes masks can run; unmasked calls keep it."""
+    attn = Attention(dim=16, n_heads=4, n_kv_heads=n_kv_heads)
+    x = randn(2, 6, 16)
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        calls.append((k.size(1), kw["attn_mask"] is not None, kw["enable_gqa"]))  # (K/V heads, masked, enable_gqa)
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    unmasked = attn(x, is_causal=True)
+    all_true, _ = build_mask(q_len=6, k_len=6, causal=True, materialize=True)  # the causal mask, written out
+    torch.testing.assert_close(attn(x, mask=all_true), unmasked, **TOL)
+    pad = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    mask, _ = build_mask(q_len=6, k_len=6, padding_mask=pad, causal=True)
+    padded = attn(x, mask=mask)
+    torch.testing.assert_close(padded, reference_attention(attn, x, mask=mask), **TOL)
+    torch.testing.assert_close(padded[0, 2:], attn(x[:1, 2:], is_causal=True)[0], **TOL)
+    assert calls == [(n_kv_heads, False, True), (4, True, False), (4, True, False), (n_kv_heads, False, True)]
+
+
 def test_cross_attention_with_context_and_mask():
     attn = Attention(dim=16, n_heads=4, n_kv_heads=2, kv_dim=8)
     x, ctx = randn(2, 3, 16), randn(2, 7, 8)
