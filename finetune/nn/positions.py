@@ -30,7 +30,9 @@ class Fp32Tables(nn.Module):
     ``module.to(torch.bfloat16)``, ``.half()``, Lightning's bf16-true and FSDP all cast through ``_apply``, which
     would round RoPE frequencies to bf16 (0.3% off, whole radians of angle at position 1000). Here device moves
     (and ``to_empty``) still apply, but a buffer that was fp32 comes back as its fp32 self, on the new device.
-    Learned positions are parameters and follow the model; this is only for tables computed from the config.
+    FSDP1's ``buffer_dtype`` casts by assigning ``buffer.data``, around ``_apply``: ``forward`` calls
+    :meth:`check_tables`, which recomputes such a table (subclasses define ``reset_buffers``). Learned positions are
+    parameters and follow the model; this is only for tables computed from the config.
     """
 
     def _apply(self, fn, recurse=True):
@@ -41,6 +43,12 @@ class Fp32Tables(nn.Module):
             if after is not None and after.dtype != torch.float32:
                 self._buffers[name] = before.to(after.device)  # the move kept, the cast undone (exact: from before)
         return self
+
+    def check_tables(self) -> None:
+        """Recomputes the tables, in fp32 on their device, if something cast them past ``_apply``: a dtype check
+        per call, a recompute once per such cast."""
+        if any(b.dtype != torch.float32 for b in self._buffers.values() if b is not None and b.is_floating_point()):
+            self.reset_buffers()
 
 
 class SinusoidalPositions(Fp32Tables):
@@ -61,6 +69,7 @@ class SinusoidalPositions(Fp32Tables):
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(B, T) -> (B, T, C), in ``dtype`` (default fp32): added to bf16 embeddings, an fp32 table would promote
         the activations to fp32."""
+        self.check_tables()
         table = self.table[position_ids]  # (B, T, C) fp32
         return table if dtype is None else table.to(dtype)
 
@@ -122,6 +131,7 @@ class RotaryEmbedding(Fp32Tables):
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # Angles in fp32 whatever the model dtype: bf16 positions lose whole radians past a few hundred tokens.
+        self.check_tables()
         freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2), fp32
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
         return emb.cos().to(dtype), emb.sin().to(dtype)

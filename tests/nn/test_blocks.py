@@ -203,7 +203,7 @@ TABLES = {
 
 
 @pytest.mark.parametrize("make", TABLES.values(), ids=TABLES.keys())
-@pytest.mark.parametrize("cast", ["to-bf16", "half", "bfloat16-in-a-parent", "to-meta-bf16"])
+@pytest.mark.parametrize("cast", ["to-bf16", "half", "bfloat16-in-a-parent", "to-meta-bf16", "data-bf16"])
 def test_position_tables_stay_fp32_under_module_casts(make, cast):
     """bf16-true, FSDP and ``model.half()`` cast every floating buffer through ``_apply``; HF keeps RoPE's inv_freq
     fp32, so must we (a bf16 inv_freq is 0.3% off: whole radians at position 1000)."""
@@ -218,8 +218,11 @@ def test_position_tables_stay_fp32_under_module_casts(make, cast):
     elif cast == "bfloat16-in-a-parent":
         parent.bfloat16()
         assert parent[0].weight.dtype == torch.bfloat16  # the parameters do follow the cast
-    else:
+    elif cast == "to-meta-bf16":
         module.to("meta", torch.bfloat16)
+    else:  # FSDP1's buffer_dtype: `buffer.data = buffer.to(dtype)`, past _apply; the next forward recomputes it
+        getattr(module, name).data = getattr(module, name).data.bfloat16()
+        module(torch.tensor([[0, 1]]), torch.bfloat16)
     table = getattr(module, name)
     assert table.dtype == torch.float32
     if cast == "to-meta-bf16":
