@@ -94,20 +94,13 @@ class Backbone(nn.Module):
         return layer(x, **kwargs)
 
     def make_cache(self, batch_size: int, max_len: int, *, layers=None, attr: str = "attn") -> list[KVCache]:
-        """One preallocated KV cache per layer (``self.layers`` by default), in the weights' dtype and device."""
-        p = next(self.parameters())
+        """One KV cache per layer (``self.layers`` by default), holding up to ``max_len`` positions. Nothing is
+        allocated here: each cache grows with what is written to it, in the activations' dtype and device."""
         caches = []
         for layer in self.layers if layers is None else layers:
             attn: Attention = getattr(layer, attr)
             caches.append(
-                KVCache(
-                    batch_size=batch_size,
-                    max_len=max_len,
-                    n_kv_heads=attn.n_kv_heads,
-                    head_dim=attn.head_dim,
-                    dtype=p.dtype,
-                    device=p.device,
-                )
+                KVCache(batch_size=batch_size, max_len=max_len, n_kv_heads=attn.n_kv_heads, head_dim=attn.head_dim)
             )
         return caches
 

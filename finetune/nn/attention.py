@@ -1,5 +1,5 @@
 """Multi-head attention over ``F.scaled_dot_product_attention``: MHA, GQA and MQA; self- and cross-attention;
-a preallocated KV cache for incremental decoding; and the mask builder the models share."""
+a KV cache grown on demand for incremental decoding; and the mask builder the models share."""
 
 from typing import NamedTuple
 
@@ -11,27 +11,57 @@ from finetune.nn.positions import apply_rotary
 
 
 class KVCache:
-    """Preallocated key/value buffers (B, H_kv, T_max, D) for one attention layer.
+    """Key/value buffers (B, H_kv, capacity, D) for one attention layer, grown on demand up to ``max_len``.
 
-    Decoding writes each step's keys and values in place instead of concatenating, so memory is
-    allocated once. A cross-attention cache is filled once from the encoder output and then reused.
+    Nothing is allocated until the first write, which sizes the buffers to what it writes, in the dtype and device of
+    the keys written (the model's activations: a bf16 model, or a quantized one computing in bf16, gets bf16). A write
+    that does not fit grows them geometrically (doubling, capped at ``max_len``): a decode of n tokens copies O(log n)
+    times, not once per token, and a short chat holds memory for its own length, not the whole context (8 GiB for
+    Llama-3.2-1B at 128k positions). Writes go in place (no concatenation per step). A cross-attention cache is
+    filled once from the encoder output and then reused. ``dtype``/``device``, when given, fix the buffers' instead.
     """
 
-    def __init__(self, *, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device) -> None:
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+    def __init__(
+        self, *, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, dtype=None, device=None
+    ) -> None:
+        if max_len < 1:
+            raise ValueError(f"KV cache max_len must be >= 1, got {max_len}")
+        self.batch_size, self.max_len, self.n_kv_heads, self.head_dim = batch_size, max_len, n_kv_heads, head_dim
+        self.dtype, self.device = dtype, device
+        self.k: torch.Tensor | None = None  # (B, H_kv, capacity, D), allocated by the first write
+        self.v: torch.Tensor | None = None
         self.size = 0
 
     @property
-    def max_len(self) -> int:
-        return self.k.size(2)
+    def capacity(self) -> int:
+        """Positions the buffers hold now (allocated), between ``size`` and ``max_len``."""
+        return 0 if self.k is None else self.k.size(2)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated for keys and values."""
+        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
+
+    def _reserve(self, need: int, like: torch.Tensor) -> None:
+        """Makes room for ``need`` positions: the first allocation is exactly ``need``, later ones double."""
+        if need <= self.capacity:
+            return
+        capacity = min(self.max_len, max(need, 2 * self.capacity))
+        dtype = self.dtype or (like.dtype if self.k is None else self.k.dtype)
+        device = self.device or (like.device if self.k is None else self.k.device)
+        shape = (self.batch_size, self.n_kv_heads, capacity, self.head_dim)
+        k, v = torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
+        if self.size:  # what is kept; stale entries past `size` (after a truncate) are not worth copying
+            k.narrow(2, 0, self.size).copy_(self.k.narrow(2, 0, self.size))
+            v.narrow(2, 0, self.size).copy_(self.v.narrow(2, 0, self.size))
+        self.k, self.v = k, v
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Appends (B, H_kv, T, D) and returns all keys and values so far, (B, H_kv, size, D)."""
         start, T = self.size, k.size(2)
         if start + T > self.max_len:
             raise ValueError(f"KV cache is full: {start} + {T} tokens exceed its max_len {self.max_len}")
+        self._reserve(start + T, k)
         # narrow + copy_ rather than slice assignment: the same write, with less Python indexing per step.
         self.k.narrow(2, start, T).copy_(k)
         self.v.narrow(2, start, T).copy_(v)
@@ -39,11 +69,13 @@ class KVCache:
         return self.k.narrow(2, 0, self.size), self.v.narrow(2, 0, self.size)
 
     def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is None:
+            raise ValueError("the KV cache is empty: nothing was written to it yet")
         return self.k.narrow(2, 0, self.size), self.v.narrow(2, 0, self.size)
 
     def truncate(self, size: int) -> None:
-        """Forgets every position from ``size`` on (rejected draft tokens, a failed turn): O(1), nothing is copied.
-        Later writes overwrite the stale entries, and reads never go past ``size``."""
+        """Forgets every position from ``size`` on (rejected draft tokens, a failed turn): O(1), nothing is copied
+        or freed. Later writes overwrite the stale entries, and reads never go past ``size``."""
         if not 0 <= size <= self.size:
             raise ValueError(f"cannot truncate a KV cache of {self.size} tokens to {size}")
         self.size = size
@@ -152,6 +184,14 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v)
+        gqa = self.n_kv_heads != self.n_heads
+        if gqa and mask is not None:
+            # On CUDA only the flash kernel implements enable_gqa, and flash takes no mask: a masked GQA call (packed
+            # rows, padded batches, padded generation) would fall back to the math kernel, B*H*T^2 fp32 scores.
+            # Repeating K/V to n_heads, as transformers does, lets the memory-efficient kernel take the mask.
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, S, D)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            gqa = False
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -160,7 +200,7 @@ class Attention(nn.Module):
             is_causal=is_causal and mask is None,
             scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
+            enable_gqa=gqa,
         )  # (B, H, T, D)
         return modules[n.o](y.transpose(1, 2).flatten(2))  # (B, T, C)
 

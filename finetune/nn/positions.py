@@ -24,8 +24,36 @@ def sinusoidal_table(n_positions: int, dim: int, *, base: float = 10000.0) -> to
     return table.float()
 
 
-class SinusoidalPositions(nn.Module):
-    """Adds the sinusoidal table to token embeddings; nothing to learn, nothing saved."""
+class Fp32Tables(nn.Module):
+    """A module whose computed tables (non-persistent buffers) stay fp32 whatever dtype the module is cast to.
+
+    ``module.to(torch.bfloat16)``, ``.half()``, Lightning's bf16-true and FSDP all cast through ``_apply``, which
+    would round RoPE frequencies to bf16 (0.3% off, whole radians of angle at position 1000). Here device moves
+    (and ``to_empty``) still apply, but a buffer that was fp32 comes back as its fp32 self, on the new device.
+    FSDP1's ``buffer_dtype`` casts by assigning ``buffer.data``, around ``_apply``: ``forward`` calls
+    :meth:`check_tables`, which recomputes such a table (subclasses define ``reset_buffers``). Learned positions are
+    parameters and follow the model; this is only for tables computed from the config.
+    """
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: b for name, b in self._buffers.items() if b is not None and b.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after is not None and after.dtype != torch.float32:
+                self._buffers[name] = before.to(after.device)  # the move kept, the cast undone (exact: from before)
+        return self
+
+    def check_tables(self) -> None:
+        """Recomputes the tables, in fp32 on their device, if something cast them past ``_apply``: a dtype check
+        per call, a recompute once per such cast."""
+        if any(b.dtype != torch.float32 for b in self._buffers.values() if b is not None and b.is_floating_point()):
+            self.reset_buffers()
+
+
+class SinusoidalPositions(Fp32Tables):
+    """Adds the sinusoidal table to token embeddings; nothing to learn, nothing saved. The table stays fp32
+    (see :class:`Fp32Tables`); ``forward`` returns it in the dtype asked for (the embeddings')."""
 
     def __init__(self, *, max_positions: int, dim: int, base: float = 10000.0) -> None:
         super().__init__()
@@ -38,8 +66,12 @@ class SinusoidalPositions(nn.Module):
             table = sinusoidal_table(self.max_positions, self.dim, base=self.base)
         self.table = table.to(self.table.device if self.table.device.type != "meta" else "cpu")
 
-    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)
-        return self.table[position_ids]
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(B, T) -> (B, T, C), in ``dtype`` (default fp32): added to bf16 embeddings, an fp32 table would promote
+        the activations to fp32."""
+        self.check_tables()
+        table = self.table[position_ids]  # (B, T, C) fp32
+        return table if dtype is None else table.to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------- RoPE
@@ -76,8 +108,11 @@ def _llama3_scale(inv_freq, *, factor, low_freq_factor, high_freq_factor, origin
     return torch.where(is_medium, smoothed, scaled)
 
 
-class RotaryEmbedding(nn.Module):
-    """Maps position ids to the (cos, sin) pair that :func:`apply_rotary` rotates queries and keys by."""
+class RotaryEmbedding(Fp32Tables):
+    """Maps position ids to the (cos, sin) pair that :func:`apply_rotary` rotates queries and keys by.
+
+    ``inv_freq`` stays fp32 under any module cast (:class:`Fp32Tables`), as in Hugging Face models; angles are
+    computed in fp32 and only cos/sin are cast to the activation dtype, as HF's ``LlamaRotaryEmbedding`` does."""
 
     def __init__(self, *, head_dim: int, theta: float = 10000.0, scaling: dict | None = None) -> None:
         super().__init__()
@@ -96,7 +131,8 @@ class RotaryEmbedding(nn.Module):
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # Angles in fp32 whatever the model dtype: bf16 positions lose whole radians past a few hundred tokens.
-        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, D/2)
+        self.check_tables()
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2), fp32
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

@@ -74,6 +74,30 @@ def test_padding_mask_hides_padded_keys():
     assert not out.isnan().any()  # padding queries, which see no key, do not produce NaN
 
 
+@pytest.mark.parametrize("n_kv_heads", [2, 1], ids=["GQA", "MQA"])
+def test_masked_gqa_repeats_kv_heads_instead_of_enable_gqa(n_kv_heads, monkeypatch):
+    """On CUDA enable_gqa runs only in the flash kernel, which takes no mask: a masked GQA call must give SDPA
+    repeated K/V (all n_heads) and no enable_gqa, so a kernel that takes masks can run; unmasked calls keep it."""
+    attn = Attention(dim=16, n_heads=4, n_kv_heads=n_kv_heads)
+    x = randn(2, 6, 16)
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        calls.append((k.size(1), kw["attn_mask"] is not None, kw["enable_gqa"]))  # (K/V heads, masked, enable_gqa)
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    unmasked = attn(x, is_causal=True)
+    all_true, _ = build_mask(q_len=6, k_len=6, causal=True, materialize=True)  # the causal mask, written out
+    torch.testing.assert_close(attn(x, mask=all_true), unmasked, **TOL)
+    pad = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    mask, _ = build_mask(q_len=6, k_len=6, padding_mask=pad, causal=True)
+    padded = attn(x, mask=mask)
+    torch.testing.assert_close(padded, reference_attention(attn, x, mask=mask), **TOL)
+    torch.testing.assert_close(padded[0, 2:], attn(x[:1, 2:], is_causal=True)[0], **TOL)
+    assert calls == [(n_kv_heads, False, True), (4, True, False), (4, True, False), (n_kv_heads, False, True)]
+
+
 def test_cross_attention_with_context_and_mask():
     attn = Attention(dim=16, n_heads=4, n_kv_heads=2, kv_dim=8)
     x, ctx = randn(2, 3, 16), randn(2, 7, 8)
@@ -158,6 +182,72 @@ def test_rope_frequencies_and_rotation_match_hf(rope):
     torch.testing.assert_close(sin, hf_sin)
     q, k = hf_llama.apply_rotary_pos_emb(x, x, hf_cos, hf_sin)
     torch.testing.assert_close(apply_rotary(x, cos, sin), q)
+
+
+TABLES = {
+    "rope-default": lambda: RotaryEmbedding(head_dim=64, theta=10000.0),
+    "rope-linear": lambda: RotaryEmbedding(head_dim=64, theta=10000.0, scaling={"rope_type": "linear", "factor": 4.0}),
+    "rope-llama3": lambda: RotaryEmbedding(
+        head_dim=64,
+        theta=500000.0,
+        scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    "sinusoidal": lambda: SinusoidalPositions(max_positions=64, dim=8),
+}
+
+
+@pytest.mark.parametrize("make", TABLES.values(), ids=TABLES.keys())
+@pytest.mark.parametrize("cast", ["to-bf16", "half", "bfloat16-in-a-parent", "to-meta-bf16", "data-bf16"])
+def test_position_tables_stay_fp32_under_module_casts(make, cast):
+    """bf16-true, FSDP and ``model.half()`` cast every floating buffer through ``_apply``; HF keeps RoPE's inv_freq
+    fp32, so must we (a bf16 inv_freq is 0.3% off: whole radians at position 1000)."""
+    module = make()
+    name = "inv_freq" if isinstance(module, RotaryEmbedding) else "table"
+    exact = getattr(module, name).clone()
+    parent = torch.nn.Sequential(torch.nn.Linear(4, 4), module)  # the cast reaches the table through a parent
+    if cast == "to-bf16":
+        module.to(torch.bfloat16)
+    elif cast == "half":
+        module.half()
+    elif cast == "bfloat16-in-a-parent":
+        parent.bfloat16()
+        assert parent[0].weight.dtype == torch.bfloat16  # the parameters do follow the cast
+    elif cast == "to-meta-bf16":
+        module.to("meta", torch.bfloat16)
+    else:  # FSDP1's buffer_dtype: `buffer.data = buffer.to(dtype)`, past _apply; the next forward recomputes it
+        getattr(module, name).data = getattr(module, name).data.bfloat16()
+        module(torch.tensor([[0, 1]]), torch.bfloat16)
+    table = getattr(module, name)
+    assert table.dtype == torch.float32
+    if cast == "to-meta-bf16":
+        assert table.device.type == "meta"  # the move is kept, only the cast is undone
+    else:
+        assert torch.equal(table, exact)
+    assert name not in module.state_dict()  # derived, never saved: checkpoints load as before
+
+
+def test_sinusoidal_positions_in_the_embeddings_dtype():
+    pe = SinusoidalPositions(max_positions=50, dim=8).bfloat16()
+    pos = torch.tensor([[3, 49]])
+    assert pe(pos, torch.bfloat16).dtype == torch.bfloat16
+    assert torch.equal(pe(pos, torch.bfloat16), pe.table[pos].bfloat16())  # rounded once, from the fp32 table
+
+
+def test_rope_cos_sin_from_a_bf16_module_equal_hf_in_bf16():
+    """Angles in fp32, cos/sin cast to the activation dtype, as HF's rotary embedding (which keeps fp32 inv_freq)."""
+    config = T.LlamaConfig(hidden_size=512, num_attention_heads=8, max_position_embeddings=4096)
+    hf_rope = hf_llama.LlamaRotaryEmbedding(config)
+    ours = RotaryEmbedding(head_dim=64, theta=10000.0).to(torch.bfloat16)
+    pos = torch.arange(1000, 4096)[None]
+    hf_cos, hf_sin = hf_rope(torch.zeros(1, dtype=torch.bfloat16), pos)
+    cos, sin = ours(pos, torch.bfloat16)
+    assert cos.dtype == torch.bfloat16 and torch.equal(cos, hf_cos) and torch.equal(sin, hf_sin)
 
 
 def test_unknown_rope_type_is_named():
