@@ -75,3 +75,43 @@ def test_bf16_true_full_finetune_reaches_the_fp32_loss(tmp_path, stand_in, monke
     norms = [k for k in ckpt["state_dict"] if "norm" in k]
     masters = [s["master"] for s in ckpt["optimizer_states"][0]["state"].values() if s["master"].ndim == 1]
     assert len(norms) == len(masters) == 5 and all((m != 1).all() for m in masters)
+
+
+# ------------------------------------------------------------------------------------------------------- QLoRA
+@pytest.mark.parametrize(
+    "precision, dtype",
+    [("bf16-true", torch.bfloat16), ("bf16-mixed", torch.bfloat16), ("32-true", torch.float32)],
+)
+def test_qlora_base_computes_in_the_run_precision(stand_in, precision, dtype):
+    """The NF4 base layers dequantize and multiply in the run's compute dtype (the weights are fp32 when they are
+    quantized, which is what ``Linear4bit`` used to keep): a layer's output equals the dequantized weight times the
+    input, both in that dtype, bit for bit."""
+    import lightning.pytorch as L
+    from bitsandbytes.functional import dequantize_4bit
+    from bitsandbytes.nn import Linear4bit
+
+    from finetune.tasks import CausalLM
+
+    task = CausalLM(pretrained=str(stand_in("llama")), adapter="qlora")
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False, enable_checkpointing=False)
+    task.trainer = trainer
+    task.configure_model()
+    trainer.strategy.precision_plugin.convert_module(task)  # bf16-true: the cast Lightning makes before fitting
+    layers = [m for m in task.model.modules() if isinstance(m, Linear4bit)]  # the base layers inside peft's
+    assert len(layers) == 14 and {m.compute_dtype for m in layers} == {dtype}
+    layer = layers[0]
+    x = torch.randn(3, layer.in_features).to(torch.bfloat16 if precision == "bf16-true" else torch.float32)
+    with torch.no_grad():
+        out = layer(x)
+        weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)  # (out, in)
+        ref = torch.nn.functional.linear(x.to(dtype), weight).to(x.dtype)
+    assert out.dtype == x.dtype
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_precision_dtype_of_every_lightning_precision():
+    from finetune.tasks.base import precision_dtype
+
+    names = {"bf16-true": torch.bfloat16, "bf16-mixed": torch.bfloat16, "16-true": torch.float16}
+    names |= {"16-mixed": torch.float16, "32-true": torch.float32, "64-true": torch.float32}
+    assert {n: precision_dtype(n) for n in names} == names
