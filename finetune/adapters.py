@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from peft import IA3Config, LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
@@ -241,15 +242,18 @@ def training_config(spec: AdapterSpec, model: nn.Module, resolved: Resolved):
     return spec.resolved_config(target_modules=sorted(resolved.targets), **extra)
 
 
-def inject(model: nn.Module, spec: AdapterSpec, *, model_type: str, heads: list[str]) -> nn.Module:
-    """Injects the adapter in place (the model keeps its class); only adapter weights and ``heads`` train."""
+def inject(
+    model: nn.Module, spec: AdapterSpec, *, model_type: str, heads: list[str], compute_dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Injects the adapter in place (the model keeps its class); only adapter weights and ``heads`` train.
+    ``compute_dtype``: the dtype a quantized base computes in (``quantize_nf4``)."""
     from peft import inject_adapter_in_model
 
     resolved = resolve(model, spec, model_type, heads)
     if spec.quantize == "nf4":
         from finetune.quantize import quantize_nf4
 
-        quantize_nf4(model, quantized_names(model, resolved))
+        quantize_nf4(model, quantized_names(model, resolved), compute_dtype)
     config = training_config(spec, model, resolved)
     for p in model.parameters():
         p.requires_grad_(False)

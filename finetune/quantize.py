@@ -24,15 +24,17 @@ def _linear_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.detach().t() if type(module).__name__ == "Conv1D" else module.weight.detach()
 
 
-def quantize_nf4(model: nn.Module, names: list[str]) -> None:
-    """Replaces each named linear layer by a frozen NF4 ``Linear4bit`` computing in the layer's dtype."""
+def quantize_nf4(model: nn.Module, names: list[str], compute_dtype: torch.dtype | None = None) -> None:
+    """Replaces each named linear layer by a frozen NF4 ``Linear4bit`` that dequantizes and multiplies in
+    ``compute_dtype`` (default: the layer's dtype). Training sets it from the run's precision: the weights are still
+    fp32 when the model is quantized, before Lightning casts it, and ``Linear4bit`` keeps the dtype it is given."""
     bnb = _bnb()
     for name in names:
         old = model.get_submodule(name)
         weight = _linear_weight(old)
         out_features, in_features = weight.shape
         new = bnb.nn.Linear4bit(
-            in_features, out_features, bias=old.bias is not None, compute_dtype=weight.dtype,
+            in_features, out_features, bias=old.bias is not None, compute_dtype=compute_dtype or weight.dtype,
             compress_statistics=True, quant_type="nf4", device="meta",
         )  # fmt: skip
         new.weight = bnb.nn.Params4bit(

@@ -197,7 +197,14 @@ class Task(L.LightningModule):
 
         heads = new_modules(model, checkpoint_weights(resolve(self.hparams.pretrained), model))
         spec = spec if quantize else dataclasses.replace(spec, quantize=None)
-        return inject(model, spec, model_type=self.model_type(), heads=heads)
+        return inject(model, spec, model_type=self.model_type(), heads=heads, compute_dtype=self.compute_dtype())
+
+    def compute_dtype(self) -> torch.dtype | None:
+        """The dtype the trainer's precision computes in (bf16 for ``bf16-*``, fp16 for ``16-*``, else fp32);
+        ``None`` without a trainer."""
+        if self._trainer is None:
+            return None
+        return precision_dtype(str(self.trainer.precision))
 
     def configure_model(self) -> None:
         """Builds the model once (Lightning calls this on every stage, after the data is set up)."""
@@ -356,6 +363,16 @@ class Task(L.LightningModule):
 
 
 # -------------------------------------------------------------------------------------------- helpers
+def precision_dtype(precision: str) -> torch.dtype:
+    """Lightning's precision setting (``bf16-true``, ``bf16-mixed``, ``16-mixed``, ``32-true``, ...) -> the dtype
+    its matrix products run in."""
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float32
+
+
 def _load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
