@@ -4,6 +4,8 @@ and checkpoints that are written atomically and always include the final state."
 import csv
 import json
 import os
+import pickle
+import shutil
 import time
 from pathlib import Path
 
@@ -33,6 +35,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None) -> dict:
+        """Tensors and plain data only (``weights_only=True`` whatever is asked, local path or URL): a pickled
+        payload is refused, never run. An unreadable file is named, with the other checkpoints beside it."""
+        try:
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            raise checkpoint_error(path, e) from e
+
+
+def checkpoint_error(path, error: BaseException) -> ValueError:
+    """A clear error for a checkpoint that ``torch.load(weights_only=True)`` refused or could not read."""
+    if isinstance(error, pickle.UnpicklingError):
+        detail = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line), "")
+        return ValueError(
+            f"checkpoint {path}: refused to load it: it holds objects other than tensors and plain data, and "
+            f"unpickling them could run code{f' ({detail})' if detail else ''}; load only checkpoints a finetune run "
+            "wrote"
+        )
+    hint = ""
+    if not str(path).startswith(("http://", "https://")):
+        others = sorted(str(p) for p in Path(path).parent.glob("*.ckpt") if p.name != Path(path).name)
+        hint = f"; other checkpoints of the run: {', '.join(others)} (pass one as --ckpt_path PATH)" if others else ""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ValueError(f"checkpoint {path} is unreadable (truncated or corrupt?): {first}{hint}")
 
 
 class _ResumableWriter(ExperimentWriter):
@@ -119,6 +146,17 @@ class RunFolder(L.Callback):
     data statistics (and labels); on resume, drops the ``metrics.csv`` rows logged after the checkpoint (a killed
     run logged past it); at the end, PNG curves of every logged metric."""
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # Runs before the callbacks load their states: a run folder that was copied or moved since the checkpoint
+        # was written gets its checkpoint callbacks' saved paths moved along, so they keep writing last.ckpt and
+        # best.ckpt here (not last-v1.ckpt beside a stale last.ckpt) and compare new scores with the saved best.
+        states = checkpoint.get("callbacks") or {}
+        for callback in trainer.checkpoint_callbacks:
+            state = states.get(getattr(callback, "state_key", None))
+            old = state.get("dirpath") if isinstance(state, dict) else None
+            if old and callback.dirpath and old != callback.dirpath:
+                states[callback.state_key] = _moved_checkpoint_state(state, old, callback.dirpath)
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save_artifacts(trainer, pl_module, Path(trainer.default_root_dir))
 
@@ -173,6 +211,53 @@ class RunFolder(L.Callback):
             for logger in trainer.loggers:
                 logger.save()
             plot_metrics(Path(trainer.default_root_dir))
+
+
+def _moved_checkpoint_state(state: dict, old: str, new: str) -> dict:
+    """A ``ModelCheckpoint`` state with the paths under its old folder ``old`` moved to ``new``."""
+
+    def move(path):
+        if not path:
+            return path
+        rel = os.path.relpath(path, old)
+        return path if rel.startswith("..") else os.path.join(new, rel)
+
+    moved = {**state, "dirpath": new}
+    for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+        if key in moved:
+            moved[key] = move(moved[key])
+    if isinstance(moved.get("best_k_models"), dict):
+        moved["best_k_models"] = {move(k): v for k, v in moved["best_k_models"].items()}
+    return moved
+
+
+class NewEntries:
+    """What a fit adds to its run folder, so that a fit that fails before writing a checkpoint can take it back:
+    the folder itself when it did not exist, else only the entries it added (never what was there before)."""
+
+    def __init__(self, run: Path) -> None:
+        self.run = Path(run)
+        self.existed = self.run.exists()
+        self.entries = set(os.listdir(self.run)) if self.existed else set()
+        self.checkpoints = self._checkpoints()
+
+    def _checkpoints(self) -> dict[str, int]:
+        folder = self.run / "checkpoints"
+        return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} if folder.is_dir() else {}
+
+    def remove(self) -> None:
+        """Removes what was added, unless a checkpoint was written (the run can then be resumed)."""
+        if self._checkpoints() != self.checkpoints or not self.run.exists():
+            return
+        if not self.existed:
+            shutil.rmtree(self.run, ignore_errors=True)
+            return
+        for name in set(os.listdir(self.run)) - self.entries:
+            path = self.run / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def plot_metrics(run: Path) -> list[Path]:

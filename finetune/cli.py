@@ -3,6 +3,9 @@
 
 import argparse
 import json
+import os
+import pickle
+import re
 import sys
 import tempfile
 import time
@@ -14,7 +17,15 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from finetune import bundled
-from finetune.callbacks import AtomicCheckpointIO, LastCheckpoint, RunCSVLogger, RunFolder, TokensPerSecond
+from finetune.callbacks import (
+    AtomicCheckpointIO,
+    LastCheckpoint,
+    NewEntries,
+    RunCSVLogger,
+    RunFolder,
+    TokensPerSecond,
+    checkpoint_error,
+)
 from finetune.data import DataModule
 from finetune.tasks import Task
 from finetune.tasks.base import hold_gathered
@@ -101,9 +112,26 @@ class FinetuneCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},  # a resumed run rewrites the same config
             auto_configure_optimizers=False,  # the task owns its optimizer and schedule
             seed_everything_default=0,
+            parser_kwargs={"exit_on_error": False},  # parse errors are raised; ``main`` prints them in one line
             args=args,
             run=run,
         )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # No ``--weights_only``: every checkpoint loads with weights_only=True (``_prepare_subcommand_kwargs``).
+        return {name: skip | {"weights_only"} for name, skip in LightningCLI.subcommands().items()}
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        # Lightning unpickles remote checkpoints (URLs) with weights_only=False unless told: tell it, for every path.
+        return {**super()._prepare_subcommand_kwargs(subcommand), "weights_only": True}
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the hyperparameters of a local --ckpt_path (weights_only=True) while parsing.
+        try:
+            super()._parse_ckpt_path()
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            raise checkpoint_error(self.config[self.config.subcommand].get("ckpt_path"), e) from e
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")  # the best checkpoint, by a chosen metric
@@ -144,13 +172,17 @@ class FinetuneCLI(LightningCLI):
         return Path(self.trainer.default_root_dir)
 
     def _resolve_ckpt(self) -> None:
-        """``--ckpt_path best`` from a new process means ``checkpoints/best.ckpt`` of the run folder."""
+        """``--ckpt_path best|last`` from a new process means ``checkpoints/{best,last}.ckpt`` of the run folder, and
+        is refused when that does not exist (a mistyped folder must not train from scratch or evaluate nothing)."""
         cfg = self.config_init[self.subcommand]
-        if cfg.get("ckpt_path") == "best" and not self.trainer.checkpoint_callback.best_model_path:
-            best = self.run_dir / "checkpoints" / "best.ckpt"
-            if not best.exists():  # a file, or a folder (FSDP2 distributed checkpoint)
-                raise FileNotFoundError(f"--ckpt_path best: {best} does not exist")
-            cfg["ckpt_path"] = str(best)
+        name = cfg.get("ckpt_path")
+        if name not in ("best", "last") or (name == "best" and self.trainer.checkpoint_callback.best_model_path):
+            return
+        path = self.run_dir / "checkpoints" / f"{name}.ckpt"
+        if not path.exists():  # a file, or a folder (FSDP2 distributed checkpoint)
+            hint = "; to start a new run there, leave out --ckpt_path" if self.subcommand == "fit" else ""
+            raise FileNotFoundError(f"--ckpt_path {name}: nothing to load: {path} does not exist{hint}")
+        cfg["ckpt_path"] = str(path)
 
     def before_fit(self) -> None:
         cfg = self.config_init["fit"]
@@ -160,8 +192,18 @@ class FinetuneCLI(LightningCLI):
                 f"run folder {self.run_dir} already holds checkpoints ({', '.join(p.name for p in existing)}): "
                 "resume it with --ckpt_path last, or start a new run with --trainer.default_root_dir=NEW_FOLDER"
             )
-        if cfg.get("ckpt_path") == "last" and not (self.run_dir / "checkpoints" / "last.ckpt").exists():
-            cfg["ckpt_path"] = None  # nothing to resume yet: start from the beginning
+        self._resolve_ckpt()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """A command that fails before writing a checkpoint takes back what it added to the run folder (config.yaml,
+        tensorboard/, ...): the folder itself when it did not exist before, never what was there."""
+        added = NewEntries(self.run_dir)
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if self.trainer.is_global_zero:
+                added.remove()
+            raise
 
     def after_fit(self) -> None:
         sample = None
@@ -510,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--max-new-tokens", type=int, default=16)
         parser.add_argument("--seed", type=int, default=0)
         return demo(parser.parse_args(argv[1:]))
+    # Errors are one message on stderr (exit code 2); --debug or FINETUNE_DEBUG=1 raises them with the traceback.
+    debug = "--debug" in argv or os.environ.get("FINETUNE_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     try:
         argv = _adapter_args(_recipe_args(argv))
     except FileNotFoundError as e:
@@ -518,9 +563,54 @@ def main(argv: list[str] | None = None) -> int:
     saved, sys.argv = sys.argv, [sys.argv[0], *argv]  # jsonargparse reads the command line from sys.argv
     try:
         FinetuneCLI()
+    except Exception as e:
+        if debug:
+            raise
+        print(f"finetune {argv[0]}: error: {_error_message(e, argv)}", file=sys.stderr)
+        print("(run with --debug or FINETUNE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
     finally:
         sys.argv = saved
     return 0
+
+
+def _error_message(error: Exception, argv: list[str]) -> str:
+    """The message of a fit/validate/test/predict error, without jsonargparse's dump of the values it was given;
+    a key that a --config file sets is named with that file."""
+    text = str(error).strip() or type(error).__name__
+    if "Given value" in text and "Errors:" in text:  # jsonargparse: "Does not validate against any of ..."
+        block = text.split("Errors:", 1)[1].split("Given value", 1)[0]
+        indent = re.search(r"^( *)- ", block, re.M)
+        items = re.split(rf"^{indent.group(1) if indent else ''}- ", block, flags=re.M)[1:]
+        reasons = [" ".join(line.strip() for line in item.splitlines() if line.strip()) for item in items]
+        reasons = [r for r in reasons if "NoneType" not in r]  # the "or None" of an optional class
+        text = "; ".join(reasons) or text.split("\n", 1)[0]
+    files = [f for k in re.findall(r"""['"]([A-Za-z_][\w.]*\.[\w.]+)['"]""", text) for f in _files_setting(k, argv)]
+    return text + (f" (set in {', '.join(dict.fromkeys(files))})" if files else "")
+
+
+def _files_setting(key: str, argv: list[str]) -> list[str]:
+    """The last --config file of ``argv`` that sets the dotted ``key`` (``init_args`` levels may be left out), when
+    the command line itself does not set it."""
+    plain = lambda k: k.replace(".init_args.", ".")  # noqa: E731
+    if any(plain(a[2:].split("=", 1)[0]) == plain(key) for a in argv if a.startswith("--")):
+        return []
+    files = [v for k, v in zip(argv, argv[1:], strict=False) if k == "--config"]
+    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    out = []
+    for file in files:
+        try:
+            node = yaml.safe_load(Path(file).read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        for part in key.split("."):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif part != "init_args":
+                break
+        else:
+            out.append(file)
+    return out[-1:]
 
 
 if __name__ == "__main__":

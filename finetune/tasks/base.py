@@ -20,7 +20,7 @@ from finetune.data.collate import pad_id
 from finetune.models import from_config, from_hf
 from finetune.models.base import Backbone
 from finetune.models.hub import explain_unreadable_weights, family_of, skeleton
-from finetune.tasks.metrics import MetricSpec
+from finetune.tasks.metrics import MetricSpec, load_summed_states, summed_states
 from finetune.tasks.optim import Schedule, adamw, lr_lambda, param_groups, warmup_steps
 
 Backend = Literal["scratch", "hf"]
@@ -287,6 +287,11 @@ class Task(L.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return out["loss"]
 
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        saved, self._resumed_train_metrics = getattr(self, "_resumed_train_metrics", None), None
+        if saved and tuple(saved["position"]) == (self.current_epoch, self.global_step):
+            load_summed_states(self.metrics("train"), saved["states"], primary=self.global_rank == 0)
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.update_metrics("val", self.step(batch, "val", batch_idx))
 
@@ -351,10 +356,16 @@ class Task(L.LightningModule):
             keep = self.trainable_keys()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
             checkpoint["base"] = {"pretrained": self.hparams.pretrained, "backend": self.hparams.backend}
+        if self.model is not None and self._trainer is not None:
+            # The epoch's training metrics so far, and where they stand: a run resumed at that very point continues
+            # them (its epoch train/loss is the uninterrupted run's), any other start leaves them fresh.
+            position = (self.trainer.current_epoch, self.trainer.global_step)
+            checkpoint["train_metrics"] = {"position": position, "states": summed_states(self.metrics("train"))}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.adapter_spec is not None or "base" in checkpoint:
             _check_trainable(set(checkpoint["state_dict"]), self.trainable_keys() if self.model is not None else None)
+        self._resumed_train_metrics = checkpoint.get("train_metrics")
         rng = checkpoint.get("rng")
         if rng is not None and (self._trainer is None or self.trainer.world_size == 1):
             torch.set_rng_state(rng["torch"])

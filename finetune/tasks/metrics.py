@@ -17,6 +17,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 from torchmetrics.text import BLEUScore, ROUGEScore
+from torchmetrics.utilities.data import dim_zero_sum
 
 
 class TokenMean(MeanMetric):
@@ -32,6 +33,32 @@ class TokenMean(MeanMetric):
         weight = torch.broadcast_to(torch.as_tensor(weight, dtype=self.dtype, device=self.device), value.shape)
         self.mean_value += (value * weight).sum()
         self.weight += weight.sum()
+
+
+def summed_states(metrics) -> dict[str, dict[str, torch.Tensor]]:
+    """The accumulated states of a ``MetricCollection``'s sum-reduced metrics (``TokenMean``'s), summed over
+    processes (a collective: every process calls it), keyed by metric name: what a checkpoint saves so that an epoch
+    value continues across a resume."""
+    out = {}
+    for name, metric in metrics.items(keep_base=True):
+        if not all(metric._reductions.get(k) is dim_zero_sum for k in metric.metric_state):
+            continue  # only sums can be split into "rank 0 holds the total, the others nothing"
+        with metric.sync_context(should_unsync=True):  # a no-op without torch.distributed
+            out[name] = {k: v.detach().cpu().clone() for k, v in metric.metric_state.items()}
+    return out
+
+
+def load_summed_states(metrics, states: dict[str, dict[str, torch.Tensor]], *, primary: bool) -> None:
+    """Restores ``summed_states``: the process with ``primary`` takes the totals, the others start from nothing, so
+    the synced epoch value is the saved one plus what follows."""
+    for name, state in states.items():
+        metric = metrics[name] if name in metrics.keys(keep_base=True) else None
+        if metric is None:
+            continue
+        metric.reset()
+        if primary:
+            for key, value in state.items():
+                setattr(metric, key, value.to(device=metric.device, dtype=getattr(metric, key).dtype))
 
 
 class Perplexity(TokenMean):

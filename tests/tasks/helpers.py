@@ -73,7 +73,18 @@ def recipe(tmp_path: Path, task: str, model: dict, data: dict, trainer: dict | N
 
 
 def fit(config: str, *args: str) -> None:
-    assert main(["fit", "--config", config, *args]) == 0
+    """A fit that must succeed; with ``--debug`` its errors are raised (tests match them with ``pytest.raises``)."""
+    assert main(["fit", "--debug", "--config", config, *args]) == 0
+
+
+def cli_error(capsys, *argv: str) -> str:
+    """``finetune ARGV`` must fail as users see it: exit code 2, one message on stderr and no traceback or
+    jsonargparse value dump; returns that stderr."""
+    capsys.readouterr()
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Namespace(" not in err, err
+    return err
 
 
 def run_metrics(run: Path) -> list[dict]:

@@ -88,6 +88,9 @@ def test_resume_after_sigkill_equals_straight_run(tmp_path, tokenizer_folder):
     assert N // 2 <= step < N
     fit(killed, "--ckpt_path", "last")
     _assert_same_run(tmp_path / "straight" / "run", tmp_path / "killed" / "run")
+    # The epoch-level loss covers the steps before the kill too (its metric state is in the checkpoint).
+    ea, eb = (logged(tmp_path / name / "run", "train/loss") for name in ("straight", "killed"))
+    assert list(ea) == [N - 1] and eb == pytest.approx(ea, abs=1e-6)
 
 
 def _logged_now(run) -> dict:
@@ -100,7 +103,7 @@ def _logged_now(run) -> dict:
 def test_fit_refuses_a_run_folder_with_checkpoints(tmp_path, tokenizer_folder):
     config = _recipe(tmp_path, tokenizer_folder, "again")
     fit(config, "--trainer.max_steps=2")
-    with pytest.raises(FileExistsError, match=r"already holds checkpoints .*--ckpt_path last"):
+    with pytest.raises(FileExistsError, match=r"already holds checkpoints .*--ckpt_path last"):  # (fit: --debug)
         fit(config, "--trainer.max_steps=2")
 
 
