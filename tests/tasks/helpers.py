@@ -124,3 +124,20 @@ class SaveGrads(Callback):
 def save_grads(path: Path) -> dict:
     """A recipe's ``trainer.callbacks`` entry for ``SaveGrads``."""
     return {"class_path": "tests.tasks.helpers.SaveGrads", "init_args": {"path": str(path)}}
+
+
+class SaveMetricCounts(Callback):
+    """Writes to ``path``, for each validation epoch after the sanity check, every validation metric's update
+    count and, for metrics with a ``confmat`` state, the matrix total (before the task saves and resets them)."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.epochs = path, []
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = pl_module.metrics("val").items(keep_base=True)
+        counts = {name: m._update_count for name, m in metrics}
+        totals = {name: int(m.confmat.sum()) for name, m in metrics if hasattr(m, "confmat")}
+        self.epochs.append({"updates": counts, "totals": totals})
+        Path(self.path).write_text(json.dumps(self.epochs))
