@@ -46,3 +46,11 @@ def scale_gradients(parameters: Iterable[torch.nn.Parameter], factor: torch.Tens
     for p in parameters:
         if p.grad is not None:
             p.grad.mul_(factor.to(p.grad.dtype))
+
+
+def reaches_gradients(strategy) -> bool:
+    """Whether the gradients are the parameters' ``.grad`` before the optimizer step, for ``scale_gradients``: not
+    under DeepSpeed, whose engine keeps them partitioned in its own buffers (and accumulates by its own count)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return not isinstance(strategy, DeepSpeedStrategy)

@@ -19,7 +19,7 @@ from finetune.data.collate import pad_id
 from finetune.models import from_config, from_hf
 from finetune.models.base import Backbone
 from finetune.models.hub import family_of, skeleton
-from finetune.tasks.accumulation import TokenWindow, scale_gradients
+from finetune.tasks.accumulation import TokenWindow, reaches_gradients, scale_gradients
 from finetune.tasks.metrics import MetricSpec
 from finetune.tasks.optim import Schedule, adamw, lr_lambda, param_groups, warmup_steps
 
@@ -275,6 +275,10 @@ class Task(L.LightningModule):
         out = self.step(batch, "train", batch_idx)
         self.update_metrics("train", out)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        if not reaches_gradients(self.trainer.strategy):  # DeepSpeed: each micro-batch's own token mean
+            rank_zero_warn("DeepSpeed: micro-batches and ranks are weighted equally, not by their labelled tokens")
+            self.log("train/loss_step", out["loss"], prog_bar=True, on_step=True, on_epoch=False)
+            return out["loss"]
         # The loss summed over the batch's labelled tokens; ``on_before_optimizer_step`` divides the gradients by
         # the tokens of the whole window, so every token weighs the same across micro-batches and ranks.
         loss_sum = out["loss"] * out["n_tokens"]

@@ -101,3 +101,13 @@ def test_masked_lm_accumulation_is_the_token_mean_of_the_window(tmp_path, stand_
     ref = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     _assert_same_grads({1: ref}, {1: grads[1]})
     assert step_loss[0] == pytest.approx(total.item() / tokens, rel=1e-6)
+
+
+def test_gradients_are_reached_except_under_deepspeed():
+    """DeepSpeed keeps its gradients in its own buffers: its runs keep per-micro-batch means (with a warning)."""
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+
+    from finetune.tasks.accumulation import reaches_gradients
+
+    assert reaches_gradients(SingleDeviceStrategy("cpu")) and reaches_gradients(DDPStrategy())
+    assert not reaches_gradients(object.__new__(DeepSpeedStrategy))  # deepspeed itself is not installed here
