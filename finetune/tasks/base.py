@@ -20,6 +20,7 @@ from finetune.data.collate import pad_id
 from finetune.models import from_config, from_hf
 from finetune.models.base import Backbone
 from finetune.models.hub import explain_unreadable_weights, family_of, skeleton
+from finetune.tasks.accumulation import TokenWindow, reaches_gradients, scale_gradients
 from finetune.tasks.metrics import MetricSpec, load_summed_states, summed_states
 from finetune.tasks.optim import Schedule, adamw, lr_lambda, param_groups, warmup_steps
 
@@ -110,6 +111,7 @@ class Task(L.LightningModule):
         # Adapter checkpoints hold only the trained weights; ``on_load_checkpoint`` checks them instead.
         self.strict_loading = self.adapter_spec is None
         self.model: nn.Module | None = None
+        self.token_window = TokenWindow()  # gradients weighted by labelled tokens (see ``on_before_optimizer_step``)
 
     # ------------------------------------------------------------------------------------------- model
     @property
@@ -282,10 +284,27 @@ class Task(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self.step(batch, "train", batch_idx)
-        self.log("train/loss_step", out["loss"], prog_bar=True, on_step=True, on_epoch=False)
         self.update_metrics("train", out)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
-        return out["loss"]
+        if not reaches_gradients(self.trainer.strategy):  # DeepSpeed: each micro-batch's own token mean
+            rank_zero_warn("DeepSpeed: micro-batches and ranks are weighted equally, not by their labelled tokens")
+            self.log("train/loss_step", out["loss"], prog_bar=True, on_step=True, on_epoch=False)
+            return out["loss"]
+        # The loss summed over the batch's labelled tokens; ``on_before_optimizer_step`` divides the gradients by
+        # the tokens of the whole window, so every token weighs the same across micro-batches and ranks.
+        loss_sum = out["loss"] * out["n_tokens"]
+        self.token_window.add(loss_sum, out["n_tokens"])
+        return loss_sum
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Turns the accumulated gradient of the window's loss sums into that of its token mean (before clipping),
+        and logs that mean as ``train/loss_step``."""
+        done = self.token_window.finish(self.trainer.strategy, self.trainer.accumulate_grad_batches)
+        if done is None:
+            return
+        factor, loss = done
+        scale_gradients(self.parameters(), factor)
+        self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         saved, self._resumed_train_metrics = getattr(self, "_resumed_train_metrics", None), None
@@ -297,6 +316,17 @@ class Task(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.update_metrics("test", self.step(batch, "test", batch_idx))
+
+    # Every epoch counts only its own batches: the sanity check's (and an interrupted epoch's) updates are dropped,
+    # also from metrics Lightning doesn't reset itself (those saved as files, like the confusion matrix).
+    def on_train_epoch_start(self) -> None:
+        self.metrics("train").reset()
+
+    def on_validation_epoch_start(self) -> None:
+        self.metrics("val").reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.metrics("test").reset()
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
 
 from finetune.cli import main
 
@@ -112,3 +113,42 @@ def cli_subprocess(*args: str, **kwargs) -> subprocess.Popen:
         text=True,
         **kwargs,
     )
+
+
+class SaveGrads(Callback):
+    """Writes ``{optimizer step: {parameter: gradient}}`` to ``path`` at the end of fit (rank 0): each step's
+    gradients as the optimizer saw them (they stay until the next window's first micro-batch zeroes them)."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.grads = path, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step and step not in self.grads:  # an optimizer step was just taken
+            self.grads[step] = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            torch.save(self.grads, self.path)
+
+
+def save_grads(path: Path) -> dict:
+    """A recipe's ``trainer.callbacks`` entry for ``SaveGrads``."""
+    return {"class_path": "tests.tasks.helpers.SaveGrads", "init_args": {"path": str(path)}}
+
+
+class SaveMetricCounts(Callback):
+    """Writes to ``path``, for each validation epoch after the sanity check, every validation metric's update
+    count and, for metrics with a ``confmat`` state, the matrix total (before the task saves and resets them)."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.epochs = path, []
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = pl_module.metrics("val").items(keep_base=True)
+        counts = {name: m._update_count for name, m in metrics}
+        totals = {name: int(m.confmat.sum()) for name, m in metrics if hasattr(m, "confmat")}
+        self.epochs.append({"updates": counts, "totals": totals})
+        Path(self.path).write_text(json.dumps(self.epochs))

@@ -104,3 +104,28 @@ def test_causal_lm_metrics_equal_hand_count(tmp_path, tokenizer_folder):
     assert written["test/loss"] == pytest.approx(nll / n, abs=1e-5)
     assert written["test/perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
     assert written["test/accuracy"] == pytest.approx(right / n, abs=1e-6)
+
+
+def test_validation_metrics_count_only_their_epoch(tmp_path, stand_in):
+    """With the sanity check on (2 batches), each validation epoch's metrics count its own 8 rows in 4 batches
+    only: the confusion matrix totals 8 (it held 12: the sanity batches too) and every metric saw 4 updates."""
+    rows = [{"text": f"{w} {n}", "label": lab} for n in ("one", "two", "three", "four")
+            for w, lab in (("good", "positive"), ("bad", "negative"))]  # fmt: skip
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    counts = tmp_path / "counts.json"
+    callback = {"class_path": "tests.tasks.helpers.SaveMetricCounts", "init_args": {"path": str(counts)}}
+    config = recipe(
+        tmp_path, "Classification", {"pretrained": str(stand_in("llama")), "lr": 1e-3},
+        {"format": "classification", "train_files": data, "validation_files": data, "batch_size": 4,
+         "eval_batch_size": 2, "max_length": 32},
+        trainer={"max_steps": 4, "num_sanity_val_steps": 2, "callbacks": [callback]},
+    )  # fmt: skip
+    fit(config)
+    epochs = json.loads(counts.read_text())
+    assert len(epochs) == 2  # one validation per epoch of 2 steps
+    names = ("loss", "accuracy", "f1", "precision", "recall", "confusion_matrix")
+    for epoch in epochs:
+        assert epoch["updates"] == dict.fromkeys(names, 4)
+        assert epoch["totals"] == {"confusion_matrix": 8}
+    saved = json.loads((tmp_path / "run" / "val_confusion_matrix.json").read_text())["confusion_matrix"]
+    assert sum(map(sum, saved)) == 8

@@ -17,7 +17,18 @@ import pytest
 import torch
 
 from finetune.cli import main
-from tests.tasks.helpers import TINY_LLAMA, cli_subprocess, cyclic_text, fit, logged, recipe, weights, write_jsonl
+from tests.tasks.helpers import (
+    TINY_LLAMA,
+    WORDS,
+    cli_subprocess,
+    cyclic_text,
+    fit,
+    logged,
+    recipe,
+    save_grads,
+    weights,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -130,6 +141,38 @@ def test_ddp_fit_equals_one_process_with_double_batch(classification_run, tmp_pa
         assert torch.isfinite(ddp[k]).all(), k
         torch.testing.assert_close(ddp[k], one[k], rtol=0, atol=1e-5, msg=k)
     assert _last(logged(tmp_path, "val/loss")) == pytest.approx(one_val_loss, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------- DDP, token-weighted loss
+def test_ddp_with_accumulation_equals_one_process_by_tokens(tmp_path, tokenizer_folder):
+    """Instruction rows with answers of 1 to 8 words: 2 processes x batch 1 x accumulate 2 give each step the
+    gradient of 1 process's batch of 4 (the loss summed over all labelled tokens of the window on both ranks, over
+    their count), though the ranks' shards hold unequal token counts; the logged step loss is the same token mean."""
+    rows = [{"instruction": " ".join(WORDS[i : i + 2]), "output": " ".join(WORDS[i + 3 : i + 3 + n])}
+            for i, n in enumerate((1, 8, 3, 6, 2, 7, 1, 5))]  # fmt: skip
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    model = {"config": TINY_LLAMA, "tokenizer": str(tokenizer_folder("llama")), "lr": 0.0, "schedule": "constant"}
+
+    def config(name: str, batch_size: int, accumulate: int) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        trainer = {"max_steps": -1, "max_epochs": 1, "accumulate_grad_batches": accumulate,
+                   "callbacks": [save_grads(folder / "grads.pt")]}  # fmt: skip
+        data_args = {"format": "instruction", "train_files": data, "batch_size": batch_size, "max_length": 64,
+                     "prompt_template_no_input": "{instruction}:"}  # fmt: skip
+        return recipe(folder, "CausalLM", model, data_args, trainer=trainer)
+
+    fit(config("one", batch_size=4, accumulate=1))
+    run_cli("fit", "--config", config("ddp", batch_size=1, accumulate=2), *DDP)
+    one, ddp = (torch.load(tmp_path / name / "grads.pt") for name in ("one", "ddp"))
+    assert sorted(one) == sorted(ddp) == [1, 2]
+    for step in one:
+        assert one[step].keys() == ddp[step].keys()
+        for k, g in one[step].items():
+            assert g.abs().max() > 0, (step, k)
+            torch.testing.assert_close(ddp[step][k], g, rtol=1e-5, atol=1e-6 * g.abs().max().item(), msg=k)
+    one_loss, ddp_loss = (logged(tmp_path / name / "run", "train/loss_step") for name in ("one", "ddp"))
+    assert sorted(ddp_loss) == [0, 1] and ddp_loss == pytest.approx(one_loss, rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------ FSDP2, causal LM
