@@ -27,14 +27,17 @@ def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
 
-def _chunked(h, weight, labels, n, chunk, *, grad_h: bool, grad_w: bool, preds: bool):
-    """The loss sum / n over chunks of tokens; with the gradients of h (N, C) and weight (V, C) when asked, and the
-    argmax predictions (N,) when asked. Returns (loss, grad_h, grad_w, preds), the ones not asked for ``None``."""
+def _chunked(h, weight, bias, labels, n, chunk, *, grad_h: bool, grad_w: bool, grad_b: bool, preds: bool):
+    """The loss sum / n over chunks of tokens; with the gradients of h (N, C), weight (V, C) and bias (V,) when
+    asked, and the argmax predictions (N,) when asked. Returns (loss, grad_h, grad_w, grad_b, preds), the ones not
+    asked for ``None``."""
     dtype = _compute_dtype(h, weight)
     hd, wd = h.to(dtype), weight.to(dtype)
+    bd = bias.to(dtype) if bias is not None else None
     gh = torch.empty_like(h) if grad_h else None
     # Summed over chunks in fp32 (a bf16 sum would round once per chunk); cast to the weight's dtype at the end.
     gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_w else None
+    gb = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if grad_b else None
     out = torch.empty(labels.shape, dtype=torch.long, device=labels.device) if preds else None
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     scale = 1.0 / n.clamp(min=1)
@@ -42,7 +45,7 @@ def _chunked(h, weight, labels, n, chunk, *, grad_h: bool, grad_w: bool, preds: 
         for start in range(0, h.size(0), chunk):
             end = min(start + chunk, h.size(0))
             hc, yc = hd[start:end], labels[start:end]  # (n, C), (n,)
-            logits = (hc @ wd.T).float()  # (n, V)
+            logits = (hc @ wd.T if bd is None else torch.addmm(bd, hc, wd.T)).float()  # (n, V), as F.linear
             if preds:
                 out[start:end] = logits.argmax(-1)
             valid = yc != IGNORE
@@ -52,7 +55,7 @@ def _chunked(h, weight, labels, n, chunk, *, grad_h: bool, grad_w: bool, preds: 
             e = logits.sub_(top).exp_()  # (n, V) exp(logits - max), in place: one pass, no second buffer
             sums = e.sum(-1)  # (n,)
             total += ((top.squeeze(1) + sums.log() - picked) * valid).sum()  # logsumexp - target logit
-            if not (grad_h or grad_w):
+            if not (grad_h or grad_w or grad_b):
                 continue
             # d(loss)/d(logits) = (softmax - onehot) * valid / n, in place over e.
             weight_row = valid * scale  # (n,)
@@ -63,54 +66,61 @@ def _chunked(h, weight, labels, n, chunk, *, grad_h: bool, grad_w: bool, preds: 
                 gh[start:end] = g @ wd  # (n, C)
             if grad_w:
                 gw += (g.T @ hc).float()  # (V, C)
-    return total * scale, gh, gw.to(weight.dtype) if grad_w else None, out
+            if grad_b:
+                gb += g.float().sum(0)  # (V,)
+    cast = lambda g, like: g.to(like.dtype) if g is not None else None  # noqa: E731
+    return total * scale, gh, cast(gw, weight), cast(gb, bias), out
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum over labelled tokens of -log softmax(h @ W.T)[label], divided by ``n``; gradients made in forward.
+    """sum over labelled tokens of -log softmax(h @ W.T + b)[label], divided by ``n``; gradients made in forward.
 
     Every product runs in the dtype the unfused head would use, and the logits are upcast to fp32 for the softmax,
-    so loss and gradients equal ``F.cross_entropy(F.linear(h, W).float(), labels)`` up to summation order.
+    so loss and gradients equal ``F.cross_entropy(F.linear(h, W, b).float(), labels)`` up to summation order.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, labels, n, chunk):  # h (N, C), weight (V, C), labels (N,), n: () token count
-        need_h, need_w = ctx.needs_input_grad[:2]
-        loss, grad_h, grad_w, _ = _chunked(h, weight, labels, n, chunk, grad_h=need_h, grad_w=need_w, preds=False)
-        ctx.save_for_backward(grad_h, grad_w)
+    def forward(ctx, h, weight, bias, labels, n, chunk):  # h (N, C), weight (V, C), bias (V,) or None, labels (N,)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        loss, *grads, _ = _chunked(
+            h, weight, bias, labels, n, chunk, grad_h=need_h, grad_w=need_w, grad_b=need_b, preds=False
+        )
+        ctx.save_for_backward(*grads)
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out: () — 1.0 unless the loss was scaled (gradient accumulation, ...)
-        grad_h, grad_w = ctx.saved_tensors
-        return (
-            grad_h * grad_out if grad_h is not None else None,
-            grad_w * grad_out if grad_w is not None else None,
-            None,
-            None,
-            None,
-        )
+        scaled = [g * grad_out if g is not None else None for g in ctx.saved_tensors]  # h, weight, bias
+        return (*scaled, None, None, None)
 
 
 def linear_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk: int | None = None, preds: bool = False
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    chunk: int | None = None,
+    preds: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Mean cross-entropy of ``h @ weight.T`` against ``labels`` (-100 = ignored), the labelled-token count, and
-    (``preds=True``) the argmax prediction per token, without materializing all logits.
+    """Mean cross-entropy of ``h @ weight.T + bias`` against ``labels`` (-100 = ignored), the labelled-token count,
+    and (``preds=True``) the argmax prediction per token, without materializing all logits.
 
-    h: (..., C) hidden states; weight: (V, C), a bias-free output head; labels: (...) aligned with ``h``.
+    h: (..., C) hidden states; weight: (V, C) and bias (V,) or None, the output head; labels: (...) aligned with ``h``.
     Returns (loss (), n (), preds (...) or None).
     """
     h2, y = h.reshape(-1, h.size(-1)), labels.reshape(-1)  # (N, C), (N,)
     chunk = chunk or chunk_tokens(weight.size(0), h.device.type)
     n = (y != IGNORE).sum()
     out = None
-    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        loss = _LinearCrossEntropy.apply(h2, weight, y, n, chunk)
+    no_grads = {"grad_h": False, "grad_w": False, "grad_b": False}
+    trains = h.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    if torch.is_grad_enabled() and trains:
+        loss = _LinearCrossEntropy.apply(h2, weight, bias, y, n, chunk)
         if preds:
             with torch.no_grad():
-                out = _chunked(h2, weight, y, n, chunk, grad_h=False, grad_w=False, preds=True)[3]
+                out = _chunked(h2, weight, bias, y, n, chunk, **no_grads, preds=True)[4]
     else:
         with torch.no_grad():
-            loss, _, _, out = _chunked(h2, weight, y, n, chunk, grad_h=False, grad_w=False, preds=preds)
+            loss, *_, out = _chunked(h2, weight, bias, y, n, chunk, **no_grads, preds=preds)
     return loss, n, out.view_as(labels) if preds else None

@@ -1,9 +1,11 @@
 """Masked language modelling (BERT-style), e.g. domain adaptation of an encoder on raw text."""
 
 import torch
+from torch import nn
 
 from finetune.tasks.base import Task
 from finetune.tasks.causal_lm import token_loss
+from finetune.tasks.head_loss import fusable_head, head_loss
 from finetune.tasks.metrics import LM_METRICS
 
 
@@ -50,6 +52,11 @@ class MaskedLM(Task):
     def model_overrides(self) -> dict:
         return {} if self.is_hf else {"head": "mlm"}
 
+    def output_head(self) -> nn.Linear | None:
+        """The MLM head's decoder (after its transform), when the chunked loss can apply it (see ``fusable_head``)."""
+        head = self.model.get_output_embeddings() if self.is_hf else getattr(self.model, "mlm_head", None)
+        return fusable_head(self, head if self.is_hf else getattr(head, "decoder", None))
+
     def step(self, batch: dict, stage: str, batch_idx: int) -> dict:
         epoch = self.current_epoch if stage == "train" else {"val": -1, "test": -2}[stage]
         g = torch.Generator(device=batch["input_ids"].device)
@@ -65,9 +72,16 @@ class MaskedLM(Task):
         kw = {"attention_mask": batch["attention_mask"]}
         if "token_type_ids" in batch:
             kw["token_type_ids"] = batch["token_type_ids"]
-        logits = self.model(input_ids=x, **kw).logits if self.is_hf else self.model(x, **kw).logits  # (B, T, V)
-        loss, n = token_loss(logits, labels)
+        forward = lambda: self.model(input_ids=x, **kw).logits if self.is_hf else self.model(x, **kw).logits  # noqa: E731
+        evaluating = stage != "train"
+        head = self.output_head()
+        if head is not None:  # the chunked loss: no (B, T, V) logits are ever held
+            loss, n, preds = head_loss(forward, head, labels, preds=evaluating)
+        else:
+            logits = forward()  # (B, T, V)
+            loss, n = token_loss(logits, labels)
+            preds = logits.argmax(-1) if evaluating else None
         out = {"loss": loss, "n_tokens": n, "batch_size": labels.size(0)}
-        if stage != "train":
-            out |= {"preds": logits.argmax(-1).flatten(), "targets": labels.flatten()}
+        if evaluating:
+            out |= {"preds": preds.flatten(), "targets": labels.flatten()}
         return out

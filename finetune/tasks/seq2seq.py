@@ -1,10 +1,12 @@
 """Sequence-to-sequence (T5-style): teacher-forced loss, and ROUGE-L/BLEU on generated text."""
 
 import torch
+from torch import nn
 
 from finetune.generation import generate
 from finetune.tasks.base import Task
 from finetune.tasks.causal_lm import token_loss
+from finetune.tasks.head_loss import fusable_head, head_loss
 from finetune.tasks.metrics import SEQ2SEQ_METRICS
 
 
@@ -38,13 +40,24 @@ class Seq2Seq(Task):
             ).logits
         return self.model(batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=dec)
 
+    def output_head(self) -> nn.Linear | None:
+        """The decoder's output head, when the chunked loss can apply it (see ``fusable_head``)."""
+        head = self.model.get_output_embeddings() if self.is_hf else self.model.lm_head
+        return fusable_head(self, head)
+
     def step(self, batch: dict, stage: str, batch_idx: int) -> dict:
-        logits = self.logits(batch)  # (B, T, V)
-        labels = batch["labels"]
-        loss, n = token_loss(logits, labels)
+        labels = batch["labels"]  # (B, T)
+        evaluating = stage != "train"
+        head = self.output_head()
+        if head is not None:  # the chunked loss: no (B, T, V) logits are ever held
+            loss, n, preds = head_loss(lambda: self.logits(batch), head, labels, preds=evaluating)
+        else:
+            logits = self.logits(batch)  # (B, T, V)
+            loss, n = token_loss(logits, labels)
+            preds = logits.argmax(-1) if evaluating else None
         out = {"loss": loss, "n_tokens": n, "batch_size": labels.size(0)}
-        if stage != "train":
-            out |= {"preds": logits.argmax(-1).flatten(), "targets": labels.flatten()}
+        if evaluating:
+            out |= {"preds": preds.flatten(), "targets": labels.flatten()}
         if self.needs(stage, "generated"):
             out["generated"] = self.decode(self.generate_ids(batch["input_ids"], batch["attention_mask"]))
             out["references"] = self.decode(labels.masked_fill(labels == -100, self.tokenizer.pad_token_id))

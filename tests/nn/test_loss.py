@@ -84,3 +84,24 @@ def test_chunk_size_keeps_the_logits_chunk_bounded():
     assert chunk_tokens(8000) == 524  # 2^22 fp32 logits = 16 MiB per chunk on the CPU
     assert chunk_tokens(128256, "cuda") == 261  # 128 MiB on a GPU
     assert chunk_tokens(10**8) == 1
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast-bf16"])
+def test_head_bias_gets_its_gradient_as_f_linear_does(autocast):
+    """A head with a bias (BERT's MLM decoder): loss and the gradients of h, weight and bias equal the plain ones."""
+    h, w, labels = _inputs(torch.float32)
+    b = torch.randn(V, generator=torch.Generator().manual_seed(3))
+
+    def run(fn):
+        hh, ww, bb = (t.clone().requires_grad_() for t in (h, w, b))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fn(hh, ww, bb)
+        (loss * 2.0).backward()
+        return loss.detach(), hh.grad, ww.grad, bb.grad
+
+    plain = run(lambda h, w, b: F.cross_entropy(F.linear(h, w, b).float().flatten(0, 1), labels.flatten()))
+    ours = run(lambda h, w, b: linear_cross_entropy(h, w, labels, bias=b, chunk=16)[0])
+    tol = 8e-3 if autocast else 1e-6
+    torch.testing.assert_close(ours[0], plain[0], rtol=tol, atol=tol)
+    for a, r in zip(ours[1:], plain[1:], strict=True):
+        torch.testing.assert_close(a, r, rtol=tol, atol=tol * r.abs().max().item())
