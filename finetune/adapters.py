@@ -23,6 +23,7 @@ from peft.utils.constants import (
 from torch import nn
 
 from finetune.bundled import adapters_dir
+from finetune.nn.dropout import speed_up_dropout
 
 # method -> (peft config class, fields it implies, peft's default targets by model type)
 METHODS = {
@@ -258,6 +259,7 @@ def inject(
     for p in model.parameters():
         p.requires_grad_(False)
     model = inject_adapter_in_model(config, model)
+    speed_up_dropout(model)  # LoRA's dropouts: the same distribution, a cheaper mask on the CPU
     model.adapter_resolved = resolved  # for export: which HF names were adapted
     return model
 
