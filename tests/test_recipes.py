@@ -73,3 +73,39 @@ def test_recipe_runs_two_steps(name, tmp_path, stand_in):
     run = tmp_path / "run"
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / "config.yaml").is_file() and (run / "metrics.csv").is_file()
+
+
+def test_classification_lora_recipe_trains_the_adapter_at_a_constant_rate_in_fp32(tmp_path, stand_in):
+    """bert-classification-lora: only the adapter and the new heads train, at lr 1e-3 from the first step to
+    the last (no warmup, no decay), with AdamW betas (0.9, 0.999), in fp32; bert-classification points to it."""
+    import csv
+
+    import torch
+
+    from tests.tasks.helpers import logged
+
+    assert "bert-classification-lora recipe" in RECIPES["bert-classification"].read_text()
+    data = tmp_path / "data.csv"
+    with data.open("w", newline="") as f:
+        w = csv.DictWriter(f, ["text", "label"])
+        w.writeheader()
+        w.writerows(ROWS["classification"])
+    run = tmp_path / "run"
+    args = [
+        "fit", "--config", "bert-classification-lora", f"--trainer.default_root_dir={run}",
+        "--trainer.max_steps=3", "--trainer.max_epochs=1", "--trainer.log_every_n_steps=1",
+        "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
+        f"--data.train_files={data}", f"--data.validation_files={data}", "--data.batch_size=4",
+        "--data.max_length=64", f"--model.init_args.pretrained={stand_in('bert')}",
+    ]  # fmt: skip
+    assert main(args) == 0
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["trainer"]["precision"] == "32-true"
+    assert config["model"]["init_args"]["betas"] == [0.9, 0.999]
+    assert list(logged(run, "train/lr").values()) == pytest.approx([1e-3] * 3, rel=1e-6)  # logged in fp32
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    trained = set(ckpt["state_dict"])
+    # the adapter, and the heads the checkpoint lacks (the stand-in, an MLM checkpoint, has no pooler either)
+    assert all("lora_" in k or ".modules_to_save." in k for k in trained), sorted(trained)
+    assert "model.classifier.modules_to_save.default.weight" in trained and any("lora_A" in k for k in trained)
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["betas"] == (0.9, 0.999)
