@@ -9,7 +9,7 @@ from torch import nn
 from finetune.models.base import Backbone, HFConfigMixin
 from finetune.models.family import Family
 from finetune.models.keymap import KeyMap
-from finetune.nn import MLP, Attention, AttentionNames, LayerNorm, PostNormBlock, activation, build_mask
+from finetune.nn import MLP, Attention, AttentionNames, Dropout, LayerNorm, PostNormBlock, activation, build_mask
 
 HEADS = {None: "BertModel", "mlm": "BertForMaskedLM", "classification": "BertForSequenceClassification"}
 
@@ -104,7 +104,7 @@ class Bert(Backbone):
         self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
         self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
         self.embed_norm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.drop = nn.Dropout(c.hidden_dropout_prob)
+        self.drop = Dropout(c.hidden_dropout_prob)
         self.layers = nn.ModuleList(
             PostNormBlock(
                 attn=Attention(
@@ -134,7 +134,7 @@ class Bert(Backbone):
             if not c.add_pooler:
                 raise ValueError("BERT sequence classification reads the pooled output: add_pooler must be true")
             p = c.hidden_dropout_prob if c.classifier_dropout is None else c.classifier_dropout
-            self.classifier_dropout = nn.Dropout(p)
+            self.classifier_dropout = Dropout(p)
             self.classifier = nn.Linear(c.hidden_size, c.num_labels)
         self.init_weights()
 

@@ -8,7 +8,7 @@ from torch import nn
 from finetune.models.base import DecoderLM, HFConfigMixin
 from finetune.models.family import Family
 from finetune.models.keymap import KeyMap
-from finetune.nn import MLP, Attention, AttentionNames, LayerNorm, PreNormBlock, build_mask
+from finetune.nn import MLP, Attention, AttentionNames, Dropout, LayerNorm, PreNormBlock, build_mask
 
 
 @dataclass
@@ -48,7 +48,7 @@ class GPT2(DecoderLM):
         c = self.config = config
         self.wte = nn.Embedding(c.vocab_size, c.n_embd)
         self.wpe = nn.Embedding(c.n_positions, c.n_embd)
-        self.drop = nn.Dropout(c.embd_pdrop)
+        self.drop = Dropout(c.embd_pdrop)
         head_dim = c.n_embd // c.n_head
         self.layers = nn.ModuleList(
             PreNormBlock(

@@ -13,6 +13,7 @@ from finetune.models.base import Backbone, HFConfigMixin
 from finetune.models.family import Family
 from finetune.models.keymap import KeyMap
 from finetune.nn import MLP, Attention, AttentionNames, GatedMLP, PreNormBlock, RMSNorm, T5RelativeBias, build_mask
+from finetune.nn.dropout import Dropout
 
 T5_NAMES = AttentionNames(q="q", k="k", v="v", o="o")
 
@@ -61,7 +62,7 @@ class T5(Backbone):
         super().__init__()
         c = self.config = config
         self.shared = nn.Embedding(c.vocab_size, c.d_model)
-        self.drop = nn.Dropout(c.dropout_rate)
+        self.drop = Dropout(c.dropout_rate)
         bias = lambda bidirectional: T5RelativeBias(  # noqa: E731
             n_heads=c.num_heads,
             num_buckets=c.relative_attention_num_buckets,

@@ -2,6 +2,7 @@
 
 from finetune.nn.attention import Attention, AttentionNames, KVCache, build_mask
 from finetune.nn.blocks import PostNormBlock, PreNormBlock
+from finetune.nn.dropout import Dropout
 from finetune.nn.mlp import MLP, GatedMLP, activation
 from finetune.nn.norms import LayerNorm, RMSNorm
 from finetune.nn.positions import (
@@ -18,6 +19,7 @@ __all__ = [
     "MLP",
     "Attention",
     "AttentionNames",
+    "Dropout",
     "GatedMLP",
     "KVCache",
     "LayerNorm",

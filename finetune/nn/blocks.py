@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from finetune.nn.attention import Attention
+from finetune.nn.dropout import Dropout
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -34,7 +35,7 @@ class PreNormBlock(nn.Module):
         self.attn_norm, self.attn = attn_norm, attn
         self.cross_attn_norm, self.cross_attn = cross_attn_norm, cross_attn
         self.mlp_norm, self.mlp = mlp_norm, mlp
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(
         self,
@@ -67,7 +68,7 @@ class PostNormBlock(nn.Module):
         super().__init__()
         self.attn, self.attn_norm = attn, attn_norm
         self.mlp, self.mlp_norm = mlp, mlp_norm
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, *, mask=None, is_causal: bool = False, rope=None, cache=None) -> torch.Tensor:
         x = self.attn_norm(x + self.dropout(self.attn(x, mask=mask, is_causal=is_causal, rope=rope, cache=cache)))

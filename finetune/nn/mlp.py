@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finetune.nn.dropout import Dropout
+
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """GPT-2's "gelu_new": the tanh approximation, written out as HF writes it so results match exactly."""
@@ -45,7 +47,7 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         self.act_name, self.act = act, activation(act)
-        self.dropout = nn.Dropout(dropout)  # on the hidden activations (T5); 0 elsewhere
+        self.dropout = Dropout(dropout)  # on the hidden activations (T5); 0 elsewhere
         self.names = names
         self.add_module(names[0], nn.Linear(dim, hidden_dim, bias=bias))
         self.add_module(names[1], nn.Linear(hidden_dim, dim, bias=bias))
@@ -70,7 +72,7 @@ class GatedMLP(nn.Module):
     ) -> None:
         super().__init__()
         self.act_name, self.act = act, activation(act)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.names = names
         self.add_module(names[0], nn.Linear(dim, hidden_dim, bias=bias))
         self.add_module(names[1], nn.Linear(dim, hidden_dim, bias=bias))

@@ -66,3 +66,13 @@ def test_lora_dropouts_are_swapped_keeping_p(stand_in):
     assert all(type(m) is not nn.Dropout for n, m in task.model.named_modules() if "lora_dropout" in n)
     # and what trains is unchanged: only adapter weights, and no state for the dropouts
     assert all("lora_" in n for n, p in task.model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("arch", ["bert", "t5", "gpt2"])
+def test_from_scratch_models_drop_out_with_it(stand_in, arch):
+    """Our models' own dropouts (embeddings, residuals, MLP hidden, BERT's classifier) are the cheaper one too."""
+    from finetune.models.hub import from_hf
+
+    model = from_hf(stand_in(arch))
+    drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert drops and all(type(m) is Dropout for m in drops)
