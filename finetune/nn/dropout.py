@@ -1,7 +1,9 @@
-"""Dropout with a cheaper mask on the CPU: the same distribution as ``nn.Dropout``, several times faster to draw.
+"""Dropout with a cheaper mask on the CPU: the same distribution as ``nn.Dropout``, about 1.6x faster.
 
-``nn.Dropout`` on the CPU draws one float per element through ``bernoulli_`` on one thread; on a LoRA step that is a
-quarter of the time (every adapted layer draws a mask of its whole input). Here 64-bit random integers are drawn
+``nn.Dropout`` on the CPU draws one float per element through ``bernoulli_`` on one thread; on a LoRA step every
+adapted layer draws a mask of its whole input. Measured on (8, 256, 256), one thread, best of 30: 4.1 ms for
+``F.dropout``, 2.5 ms here (1.4 ms of it the mask); a 7-layer LoRA forward + backward ran 1.12x (fp32) and 1.21x
+(bf16) faster by median. Here 64-bit random integers are drawn
 (``random_``, a much faster kernel) and each is split into two 32-bit ones: element i is kept when its 32-bit integer
 is below ``round((1 - p) * 2**32)``, so it is kept with probability 1 - p to within 2^-33 (``bernoulli_`` draws
 through 24-bit floats: within 2^-25), independently of every other element, and kept values are scaled by 1/(1 - p).
