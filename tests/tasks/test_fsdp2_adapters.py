@@ -135,3 +135,15 @@ def test_fsdp2_lora_checkpoint_resume_and_export(tmp_path, base):  # noqa: F811
         assert main(["generate", str(tmp_path / name / "run"), "--ckpt", "last", "--prompts", prompts,
                      "--out", str(outs[name]), "--max-new-tokens", "6", "--temperature", "0"]) == 0  # fmt: skip
     assert outs["killed"].read_text() == outs["one"].read_text() != ""
+
+
+def test_a_folder_that_is_not_a_distributed_checkpoint_is_named(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "last.ckpt").mkdir(parents=True)
+    (run / "config.yaml").write_text("model:\n  class_path: finetune.tasks.CausalLM\n")
+    from finetune.export import load_run
+
+    with pytest.raises(
+        ValueError, match=r"last\.ckpt: a folder, but not a distributed checkpoint \(no \.metadata, meta\.pt"
+    ):
+        load_run(run, "last")
