@@ -112,6 +112,9 @@ class DataModule(L.LightningDataModule):
         max_target_length: Longest seq2seq target in tokens (default: max_length).
         packing: Pack causal-LM samples back to back into rows of max_length tokens (each attends only to itself),
             so no compute goes to padding. Default: on for plain text (pretraining), off otherwise.
+        group_by_length: Train batches of rows of similar length, so that less compute goes to padding: shuffled
+            megabatches of 50 batches sorted by length, as `transformers`' ``group_by_length`` (seeded, sharded and
+            resumable as the plain shuffle). Default: on where rows are padded (packing off), off with packing.
         train_on_prompt: Instruction and chat data: compute the loss on the prompt too, not only on the response.
         chat_template: A Jinja chat template replacing the tokenizer's (default: the tokenizer's, else ChatML).
         prompt_template: Instruction prompt for rows with an input, with {instruction} and {input} (default:
@@ -149,6 +152,7 @@ class DataModule(L.LightningDataModule):
         max_length: int = 1024,
         max_target_length: int | None = None,
         packing: bool | None = None,
+        group_by_length: bool | None = None,
         train_on_prompt: bool = False,
         chat_template: str | None = None,
         prompt_template: str = ALPACA,
@@ -179,6 +183,7 @@ class DataModule(L.LightningDataModule):
         if packing is None:
             packing = format == "text" and objective == "causal_lm"
         self.packing, self.train_on_prompt = packing, train_on_prompt
+        self.group_by_length = not packing if group_by_length is None else group_by_length
         self.chat_template = chat_template
         self.prompt_template, self.prompt_template_no_input = prompt_template, prompt_template_no_input
         self.labels = list(labels) if labels is not None else None
@@ -208,6 +213,8 @@ class DataModule(L.LightningDataModule):
                 f"format={self.format!r} can't be used for the {self.objective!r} objective; it takes "
                 f"{' or '.join(OBJECTIVE_FORMATS[self.objective])} data"
             )
+        if self.packing and self.group_by_length:
+            raise ValueError("group_by_length=True is for padded rows; packed rows are all max_length long")
         if self.packing and self.objective != "causal_lm":
             raise ValueError(f"packing=True is for causal_lm only, not {self.objective!r}")
         unknown = set(self.fields) - set(FIELDS[self.format])
@@ -474,10 +481,16 @@ class DataModule(L.LightningDataModule):
     def train_dataloader(self) -> ResumableDataLoader:
         data = self._dataset("train")
         num_replicas, rank = self._replicas()
+        lengths = None
+        if self.group_by_length:
+            lengths = self._split("train").dataset.select_columns(["length"]).with_format("numpy")[:]["length"]
+        sampler = TrainSampler(
+            len(data), seed=self.seed, num_replicas=num_replicas, rank=rank, lengths=lengths, batch_size=self.batch_size
+        )
         return ResumableDataLoader(
             data,
             batch_size=self.batch_size,
-            sampler=TrainSampler(len(data), seed=self.seed, num_replicas=num_replicas, rank=rank),
+            sampler=sampler,
             collate_fn=self._collator("train"),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
