@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ProgressBar as PLProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -21,6 +22,7 @@ from finetune.callbacks import (
     AtomicCheckpointIO,
     LastCheckpoint,
     NewEntries,
+    ProgressBar,
     RunCSVLogger,
     RunFolder,
     TokensPerSecond,
@@ -164,6 +166,10 @@ class FinetuneCLI(LightningCLI):
         if isinstance(strategy, str) and strategy in _PLUGIN_STRATEGIES and not config.get("plugins"):
             config["plugins"] = [AtomicCheckpointIO()]
         callbacks = [*callbacks, RunFolder(), TokensPerSecond()]
+        given = config.get("callbacks") or []
+        theirs = [*callbacks, *(given if isinstance(given, list) else [given])]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, PLProgressBar) for c in theirs):
+            callbacks.append(ProgressBar())  # the run's bounds in words, no host read per step
         return super()._instantiate_trainer(config, callbacks)
 
     # ---------------------------------------------------------------------------------------- subcommands
