@@ -350,19 +350,28 @@ def export_command(argv: list[str]) -> int:
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="a run folder (its best checkpoint) or a Hugging Face folder")
     parser.add_argument("--ckpt", default="best", help="of a run folder: best (default), last, or a checkpoint path")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    parser.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens (default 50)")
+    # Unset sampling flags come from the model's generation_config.json, else the defaults named here.
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's, else 128")
+    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's, else 0.8)")
+    parser.add_argument(
+        "--top-k", type=int, default=None, help="sample from the k likeliest (default: model's, else 50)"
+    )
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of mass p")
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same output (default 0)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
 
 
-def _sampling(args: argparse.Namespace):
+def _sampling(args: argparse.Namespace, loaded):
+    """The flags given, else the model's generation_config.json, else ``Sampling``'s defaults."""
+    from dataclasses import replace
+
     from finetune.inference import Sampling
 
-    top_k = args.top_k if args.top_k and args.top_k > 0 else None
-    return Sampling(args.max_new_tokens, args.temperature, top_k, args.top_p, args.seed)
+    flags = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+             "top_p": args.top_p}  # fmt: skip
+    sampling = replace(Sampling(seed=args.seed), **loaded.generation)
+    sampling = replace(sampling, **{k: v for k, v in flags.items() if v is not None})
+    return replace(sampling, top_k=sampling.top_k if sampling.top_k and sampling.top_k > 0 else None)
 
 
 def _device(args: argparse.Namespace) -> str:
@@ -406,11 +415,11 @@ def generate_command(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        sampling = _sampling(args)
         if args.out:
             _check_out_file(Path(args.out), Path(args.prompts) if args.prompts else None, force=args.force)
         rows = inference.read_prompts(Path(args.prompts)) if args.prompts else [{"prompt": args.prompt}]
         loaded = inference.load(args.model, ckpt=args.ckpt, device=_device(args))
+        sampling = _sampling(args, loaded)
         draft = None
         if args.draft:
             draft = inference.load(args.draft, device=_device(args), what="--draft")
@@ -467,7 +476,7 @@ def chat_command(argv: list[str], stdin=None) -> int:
     stdin = stdin or sys.stdin
     try:
         loaded = inference.load(args.model, ckpt=args.ckpt, device=_device(args))
-        chat = inference.Chat(loaded, _sampling(args), system=args.system)
+        chat = inference.Chat(loaded, _sampling(args, loaded), system=args.system)
     except (FileNotFoundError, ValueError) as e:
         print(f"finetune chat: error: {e}", file=sys.stderr)
         return 2
