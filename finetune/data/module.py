@@ -484,9 +484,9 @@ class DataModule(L.LightningDataModule):
         lengths = None
         if self.group_by_length:
             lengths = self._split("train").dataset.select_columns(["length"]).with_format("numpy")[:]["length"]
-        sampler = TrainSampler(
-            len(data), seed=self.seed, num_replicas=num_replicas, rank=rank, lengths=lengths, batch_size=self.batch_size
-        )
+        accumulate = getattr(getattr(self, "trainer", None), "accumulate_grad_batches", 1)
+        sampler = TrainSampler(len(data), seed=self.seed, num_replicas=num_replicas, rank=rank, lengths=lengths,
+                               rows_per_step=self.batch_size * accumulate)  # fmt: skip
         return ResumableDataLoader(
             data,
             batch_size=self.batch_size,

@@ -40,20 +40,22 @@ class TrainSampler(Sampler[int]):
     every rank gets ``ceil(size / num_replicas)`` indices and the same number of batches. Lightning calls
     ``set_epoch`` before each epoch. ``skip`` drops that many leading indices from the next iteration only (resume).
 
-    With ``lengths`` (one per row), the permutation is ``length_grouped_order`` over global batches of
-    ``batch_size * num_replicas`` rows, so each rank's batch of a step holds rows of similar length (less padding);
-    seeding, sharding and resume are the same.
+    With ``lengths`` (one per row), the permutation is ``length_grouped_order`` over windows of
+    ``rows_per_step * num_replicas`` rows (``rows_per_step``: a rank's rows per optimizer step, batch size times
+    gradient accumulation, as `transformers` groups), so each step's batches hold rows of similar length (less
+    padding) and each step trains on the same rows whatever the number of processes; seeding, sharding and resume
+    are the same.
     """
 
     def __init__(
-        self, size: int, *, seed: int = 0, num_replicas: int = 1, rank: int = 0, lengths=None, batch_size: int = 1
+        self, size: int, *, seed: int = 0, num_replicas: int = 1, rank: int = 0, lengths=None, rows_per_step: int = 1
     ) -> None:
         _check_rank(num_replicas, rank)
         if lengths is not None and len(lengths) != size:
             raise ValueError(f"lengths holds {len(lengths)} values for {size} rows")
         self.size, self.seed, self.num_replicas, self.rank = size, seed, num_replicas, rank
         self.lengths = None if lengths is None else [int(n) for n in lengths]
-        self.batch_size = batch_size
+        self.rows_per_step = rows_per_step
         self.epoch = 0
         self.skip = 0
 
@@ -68,8 +70,8 @@ class TrainSampler(Sampler[int]):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         if self.lengths is None:
             order = torch.randperm(self.size, generator=g).tolist()
-        else:  # rank r's batch k is cut from global batch k: rows r, r + R, ... of it
-            order = length_grouped_order(self.lengths, self.batch_size * self.num_replicas, g)
+        else:  # rank r's rows of step k are rows r, r + R, ... of window k
+            order = length_grouped_order(self.lengths, self.rows_per_step * self.num_replicas, g)
         total = len(self) * self.num_replicas
         if total > self.size:  # wrap around: a few samples twice per epoch, spread over the ranks
             order = (order * math.ceil(total / self.size))[:total]

@@ -152,15 +152,17 @@ def test_length_grouped_order_is_transformers_get_length_grouped_indices():
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
     for batch_size, seed in [(8, 0), (4, 3), (64, 1)]:
-        ours = list(TrainSampler(200, seed=seed, lengths=LENGTHS, batch_size=batch_size))
+        ours = list(TrainSampler(200, seed=seed, lengths=LENGTHS, rows_per_step=batch_size))
         theirs = get_length_grouped_indices(LENGTHS, batch_size, generator=torch.Generator().manual_seed(seed))
         assert ours == theirs
 
 
 def test_length_grouped_order_is_a_seeded_permutation_with_less_padding():
-    s = TrainSampler(200, seed=3, lengths=LENGTHS, batch_size=8)
+    s = TrainSampler(200, seed=3, lengths=LENGTHS, rows_per_step=8)
     first = list(s)
-    assert sorted(first) == list(range(200)) and list(TrainSampler(200, seed=3, lengths=LENGTHS, batch_size=8)) == first
+    assert (
+        sorted(first) == list(range(200)) and list(TrainSampler(200, seed=3, lengths=LENGTHS, rows_per_step=8)) == first
+    )
     assert LENGTHS[first[0]] == max(LENGTHS)  # the longest batch first
     s.set_epoch(1)
     assert list(s) != first and sorted(s) == list(range(200))
@@ -172,14 +174,14 @@ def test_length_grouped_order_is_a_seeded_permutation_with_less_padding():
 @pytest.mark.parametrize("size, replicas", [(200, 2), (37, 3)])
 def test_length_grouped_shards_are_disjoint_covering_and_grouped_per_step(size, replicas):
     lengths = LENGTHS[:size]
-    shards = [list(TrainSampler(size, seed=1, num_replicas=replicas, rank=r, lengths=lengths, batch_size=4))
+    shards = [list(TrainSampler(size, seed=1, num_replicas=replicas, rank=r, lengths=lengths, rows_per_step=4))
               for r in range(replicas)]  # fmt: skip
     per_rank = -(-size // replicas)
     assert all(len(s) == per_rank for s in shards)
     everything = [i for s in shards for i in s]
     assert set(everything) == set(range(size)) and len(everything) - size == per_rank * replicas - size
     # each step's batches on all ranks come from one sorted global batch of 4 * replicas rows
-    single = list(TrainSampler(size, seed=1, lengths=lengths, batch_size=4 * replicas))
+    single = list(TrainSampler(size, seed=1, lengths=lengths, rows_per_step=4 * replicas))
     for step in range(per_rank // 4):
         rows = {i for s in shards for i in s[4 * step : 4 * step + 4]}
         assert rows == set(single[4 * replicas * step : 4 * replicas * (step + 1)])
@@ -187,7 +189,7 @@ def test_length_grouped_shards_are_disjoint_covering_and_grouped_per_step(size, 
 
 def test_length_grouped_resume_gives_the_rest_of_the_epoch():
     def grouped(data):
-        sampler = TrainSampler(len(data), seed=7, lengths=LENGTHS[: len(data)], batch_size=3)
+        sampler = TrainSampler(len(data), seed=7, lengths=LENGTHS[: len(data)], rows_per_step=3)
         sampler.set_epoch(2)
         return ResumableDataLoader(data, batch_size=3, sampler=sampler, collate_fn=list)
 
@@ -214,5 +216,16 @@ def test_datamodule_groups_padded_rows_by_length_by_default(make_dm, write):
         and plain.indices() == torch.randperm(64, generator=torch.Generator().manual_seed(0)).tolist()
     )
     assert make_dm(train_files=path, packing=True).train_dataloader().sampler.lengths is None
-    with pytest.raises(ValueError, match="group_by_length=True is for padded rows"):
-        make_dm(train_files=path, packing=True, group_by_length=True)
+    # the window of an optimizer step: 1 process x batch 4 trains on the rows of 2 processes x batch 1 x accumulate 2
+    small = write("small.jsonl", rows[:8])
+    one = make_dm(train_files=small, batch_size=4).train_dataloader().sampler.indices()
+    two = []
+    for rank in range(2):
+        dm = make_dm(train_files=small, batch_size=1)
+        replicas = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": rank})
+        dm.trainer = SimpleNamespace(accumulate_grad_batches=2, strategy=replicas)
+        two.append(dm.train_dataloader().sampler.indices())
+    assert [sorted(two[0][2 * k : 2 * k + 2] + two[1][2 * k : 2 * k + 2]) for k in range(2)] == [
+        sorted(one[:4]),
+        sorted(one[4:]),
+    ]
