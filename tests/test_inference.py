@@ -293,3 +293,12 @@ def test_generate_samples_with_the_models_settings(model_dir, tmp_path, capsys):
     from_flags = run_generate(capsys, str(model_dir), *args, "--temperature", "1.3", "--top-k", "7")
     assert from_file[0] == 0 and from_file[1] == from_flags[1]
     assert run_generate(capsys, str(model_dir), *args)[1] != from_file[1]  # today's defaults: 0.8, top-k 50
+
+
+def test_a_run_takes_the_generation_config_of_its_base_folder(tmp_path, stand_in):
+    import shutil
+
+    base = shutil.copytree(stand_in("llama"), tmp_path / "base")
+    (base / "generation_config.json").write_text(json.dumps({"do_sample": False, "max_new_tokens": 5}))
+    run = train(tmp_path, lambda arch: base, "llama", None, steps=1)
+    assert inference.load(run, ckpt="last").generation == {"temperature": 0.0, "max_new_tokens": 5}
