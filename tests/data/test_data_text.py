@@ -77,3 +77,11 @@ def test_packing_packs_whole_documents(make_dm, tmp_path, tok):
 def test_unknown_sample_by_is_refused(make_dm, tmp_path):
     with pytest.raises(ValueError, match=r"sample_by='sentence'; expected one of \['auto', 'line', 'paragraph'"):
         make_dm(train_files=str(tmp_path / "c.txt"), sample_by="sentence")
+
+
+def test_a_changed_file_is_read_again_not_from_the_cache(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text(CORPUS)
+    assert load_file(str(path), str(tmp_path / "cache")).dataset["text"] == DOCS
+    path.write_text("New text.\nStill new.\n\nAnd more.\n")
+    assert load_file(str(path), str(tmp_path / "cache")).dataset["text"] == ["New text.\nStill new.", "And more."]
