@@ -1,10 +1,14 @@
 """The ``finetune`` command: ``fit|validate|test|predict`` (LightningCLI over a recipe), ``recipes``, ``export``,
-``tokenizer``, ``generate``, ``chat``, ``demo``."""
+``tokenizer``, ``generate``, ``chat``, ``demo``.
+
+Every command starts fast: this module imports only the standard library, yaml and ``finetune.bundled`` at its top;
+torch, Lightning, transformers and peft are imported inside the commands that use them (``finetune --help`` and
+``finetune recipes`` import none of them). Keep it so: the LightningCLI class lives in ``finetune.lightning_cli``.
+"""
 
 import argparse
 import json
 import os
-import pickle
 import re
 import sys
 import tempfile
@@ -12,26 +16,17 @@ import time
 from pathlib import Path
 
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from finetune import bundled
-from finetune.callbacks import (
-    AtomicCheckpointIO,
-    LastCheckpoint,
-    NewEntries,
-    RunCSVLogger,
-    RunFolder,
-    TokensPerSecond,
-    checkpoint_error,
-)
-from finetune.data import DataModule
-from finetune.tasks import Task
-from finetune.tasks.base import hold_gathered
 
-# Strategies whose checkpoints go through the CheckpointIO plugin (FSDP/DeepSpeed/ModelParallel save their own).
-_PLUGIN_STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_find_unused_parameters_true", "single_device")
+
+def __getattr__(name: str):
+    """``finetune.cli.FinetuneCLI``, imported (with Lightning) on first use."""
+    if name == "FinetuneCLI":
+        from finetune.lightning_cli import FinetuneCLI
+
+        return FinetuneCLI
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -93,183 +88,6 @@ def demo(args: argparse.Namespace) -> int:
             rt = (back(prompts).logits - hf(prompts).logits).abs().max().item()
         print(f"round trip ours -> to_hf -> transformers: max |diff| = {rt:.2e}")
     return 0 if same and diff < 1e-4 and rt < 1e-4 else 1
-
-
-def _checkpoint_dir(root: str | None) -> str:
-    return str(Path(root or ".") / "checkpoints")
-
-
-class FinetuneCLI(LightningCLI):
-    """LightningCLI over ``Task`` subclasses and the ``DataModule``, writing everything into one run folder
-    (``trainer.default_root_dir``): config.yaml, checkpoints/{best,last}.ckpt, metrics.csv, tensorboard/, plots/,
-    tokenizer/, model_config.json, data stats, and the metrics of ``validate``/``test`` as JSON."""
-
-    def __init__(self, args=None, run: bool = True) -> None:
-        super().__init__(
-            model_class=Task,
-            subclass_mode_model=True,
-            datamodule_class=DataModule,
-            save_config_kwargs={"overwrite": True},  # a resumed run rewrites the same config
-            auto_configure_optimizers=False,  # the task owns its optimizer and schedule
-            seed_everything_default=0,
-            parser_kwargs={"exit_on_error": False},  # parse errors are raised; ``main`` prints them in one line
-            args=args,
-            run=run,
-        )
-
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        # No ``--weights_only``: every checkpoint loads with weights_only=True (``_prepare_subcommand_kwargs``).
-        return {name: skip | {"weights_only"} for name, skip in LightningCLI.subcommands().items()}
-
-    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
-        # Lightning unpickles remote checkpoints (URLs) with weights_only=False unless told: tell it, for every path.
-        return {**super()._prepare_subcommand_kwargs(subcommand), "weights_only": True}
-
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the hyperparameters of a local --ckpt_path (weights_only=True) while parsing.
-        try:
-            super()._parse_ckpt_path()
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-            raise checkpoint_error(self.config[self.config.subcommand].get("ckpt_path"), e) from e
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")  # the best checkpoint, by a chosen metric
-        parser.set_defaults(
-            {
-                "checkpoint.monitor": "val/loss",
-                "checkpoint.mode": "min",
-                "checkpoint.filename": "best",
-                "checkpoint.save_top_k": 1,
-                "checkpoint.auto_insert_metric_name": False,
-                "checkpoint.enable_version_counter": False,
-                "trainer.default_root_dir": "runs/default",
-                "trainer.use_distributed_sampler": False,  # the DataModule shards (and resumes) its own order
-            }
-        )
-        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
-        for key in ("checkpoint", "last_checkpoint"):
-            parser.link_arguments("trainer.default_root_dir", f"{key}.dirpath", compute_fn=_checkpoint_dir)
-        parser.link_arguments("model.tokenizer", "data.tokenizer", apply_on="instantiate")
-        parser.link_arguments("model.objective", "data.objective", apply_on="instantiate")
-
-    def _instantiate_trainer(self, config: dict, callbacks: list):
-        root = config.get("default_root_dir") or "."
-        if config.get("logger") in (None, True):
-            config["logger"] = [
-                RunCSVLogger(root),
-                TensorBoardLogger(root, name="tensorboard", version="", default_hp_metric=False),
-            ]
-        strategy = config.get("strategy", "auto")
-        if isinstance(strategy, str) and strategy in _PLUGIN_STRATEGIES and not config.get("plugins"):
-            config["plugins"] = [AtomicCheckpointIO()]
-        callbacks = [*callbacks, RunFolder(), TokensPerSecond()]
-        return super()._instantiate_trainer(config, callbacks)
-
-    # ---------------------------------------------------------------------------------------- subcommands
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.trainer.default_root_dir)
-
-    def _resolve_ckpt(self) -> None:
-        """``--ckpt_path best|last`` from a new process means ``checkpoints/{best,last}.ckpt`` of the run folder, and
-        is refused when that does not exist (a mistyped folder must not train from scratch or evaluate nothing)."""
-        cfg = self.config_init[self.subcommand]
-        name = cfg.get("ckpt_path")
-        if name not in ("best", "last") or (name == "best" and self.trainer.checkpoint_callback.best_model_path):
-            return
-        path = self.run_dir / "checkpoints" / f"{name}.ckpt"
-        if not path.exists():  # a file, or a folder (FSDP2 distributed checkpoint)
-            hint = "; to start a new run there, leave out --ckpt_path" if self.subcommand == "fit" else ""
-            raise FileNotFoundError(f"--ckpt_path {name}: nothing to load: {path} does not exist{hint}")
-        cfg["ckpt_path"] = str(path)
-
-    def before_fit(self) -> None:
-        cfg = self.config_init["fit"]
-        existing = sorted((self.run_dir / "checkpoints").glob("*.ckpt"))
-        if cfg.get("ckpt_path") is None and existing:
-            raise FileExistsError(
-                f"run folder {self.run_dir} already holds checkpoints ({', '.join(p.name for p in existing)}): "
-                "resume it with --ckpt_path last, or start a new run with --trainer.default_root_dir=NEW_FOLDER"
-            )
-        self._resolve_ckpt()
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        """A command that fails before writing a checkpoint takes back what it added to the run folder (config.yaml,
-        tensorboard/, ...): the folder itself when it did not exist before, never what was there."""
-        added = NewEntries(self.run_dir)
-        try:
-            super()._run_subcommand(subcommand)
-        except BaseException:
-            if self.trainer.is_global_zero:
-                added.remove()
-            raise
-
-    def after_fit(self) -> None:
-        sample = None
-        if hasattr(self.model, "sample"):
-            # Rank 0 generates alone: under FSDP2 all ranks first gather the weights together (a collective).
-            hold_gathered(self.model.model, True)
-            try:
-                sample = self.model.sample() if self.trainer.is_global_zero else None
-            finally:
-                hold_gathered(self.model.model, False)
-        if not self.trainer.is_global_zero:
-            return
-        metrics = self.trainer.callback_metrics
-        lines = [f"run folder: {self.run_dir}"]
-        if "val/loss" in metrics:
-            lines.append(f"validation loss: {float(metrics['val/loss']):.4f}")
-        best = self.trainer.checkpoint_callback.best_model_path
-        if best:
-            lines.append(f"best checkpoint: {best}")
-        if sample is not None:
-            lines.append(f"sample: {sample!r}")
-        print("\n".join(lines), flush=True)
-
-    def before_validate(self) -> None:
-        self._resolve_ckpt()
-
-    def before_test(self) -> None:
-        self._resolve_ckpt()
-
-    def before_predict(self) -> None:
-        self._resolve_ckpt()
-
-    def _write_metrics(self, stage: str, prefix: str) -> None:
-        if not self.trainer.is_global_zero:
-            return
-        values = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(prefix)}
-        cfg = self.config_init[self.subcommand]
-        out = {"ckpt_path": cfg.get("ckpt_path"), "metrics": values}
-        path = self.run_dir / f"{stage}_metrics.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"{stage} metrics written to {path}: {json.dumps(values)}", flush=True)
-
-    def after_validate(self) -> None:
-        self._write_metrics("validate", "val/")
-
-    def after_test(self) -> None:
-        self._write_metrics("test", "test/")
-
-    def predict(self, model, datamodule=None, ckpt_path=None, **kwargs) -> None:
-        """Writes ``predictions.jsonl`` (one row per input row, in input order) into the run folder."""
-        batches = self.trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs) or []
-        rows = [r for batch in batches for r in batch]
-        if self.trainer.world_size > 1:
-            import torch.distributed as dist
-
-            gathered = [None] * self.trainer.world_size
-            dist.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in part]
-        if not self.trainer.is_global_zero:
-            return
-        rows.sort(key=lambda r: r["row"])
-        path = self.run_dir / "predictions.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        print(f"{len(rows)} predictions written to {path}", flush=True)
 
 
 def _recipe_args(argv: list[str]) -> list[str]:
@@ -344,19 +162,28 @@ def export_command(argv: list[str]) -> int:
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="a run folder (its best checkpoint) or a Hugging Face folder")
     parser.add_argument("--ckpt", default="best", help="of a run folder: best (default), last, or a checkpoint path")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    parser.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens (default 50)")
+    # Unset sampling flags come from the model's generation_config.json, else the defaults named here.
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's, else 128")
+    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's, else 0.8)")
+    parser.add_argument(
+        "--top-k", type=int, default=None, help="sample from the k likeliest (default: model's, else 50)"
+    )
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of mass p")
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same output (default 0)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
 
 
-def _sampling(args: argparse.Namespace):
+def _sampling(args: argparse.Namespace, loaded):
+    """The flags given, else the model's generation_config.json, else ``Sampling``'s defaults."""
+    from dataclasses import replace
+
     from finetune.inference import Sampling
 
-    top_k = args.top_k if args.top_k and args.top_k > 0 else None
-    return Sampling(args.max_new_tokens, args.temperature, top_k, args.top_p, args.seed)
+    flags = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+             "top_p": args.top_p}  # fmt: skip
+    sampling = replace(Sampling(seed=args.seed), **loaded.generation)
+    sampling = replace(sampling, **{k: v for k, v in flags.items() if v is not None})
+    return replace(sampling, top_k=sampling.top_k if sampling.top_k and sampling.top_k > 0 else None)
 
 
 def _device(args: argparse.Namespace) -> str:
@@ -400,11 +227,11 @@ def generate_command(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        sampling = _sampling(args)
         if args.out:
             _check_out_file(Path(args.out), Path(args.prompts) if args.prompts else None, force=args.force)
         rows = inference.read_prompts(Path(args.prompts)) if args.prompts else [{"prompt": args.prompt}]
         loaded = inference.load(args.model, ckpt=args.ckpt, device=_device(args))
+        sampling = _sampling(args, loaded)
         draft = None
         if args.draft:
             draft = inference.load(args.draft, device=_device(args), what="--draft")
@@ -461,7 +288,7 @@ def chat_command(argv: list[str], stdin=None) -> int:
     stdin = stdin or sys.stdin
     try:
         loaded = inference.load(args.model, ckpt=args.ckpt, device=_device(args))
-        chat = inference.Chat(loaded, _sampling(args), system=args.system)
+        chat = inference.Chat(loaded, _sampling(args, loaded), system=args.system)
     except (FileNotFoundError, ValueError) as e:
         print(f"finetune chat: error: {e}", file=sys.stderr)
         return 2
@@ -560,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"finetune: error: {e}", file=sys.stderr)
         return 2
+    from finetune.lightning_cli import FinetuneCLI
+
     saved, sys.argv = sys.argv, [sys.argv[0], *argv]  # jsonargparse reads the command line from sys.argv
     try:
         FinetuneCLI()

@@ -16,7 +16,17 @@ from finetune.data.collate import Collator, pad_id
 from finetune.data.encode import FIELDS, OBJECTIVE_FORMATS, Encoder, collect_labels, resolve_columns
 from finetune.data.packing import PackedDataset
 from finetune.data.sampling import EvalSampler, ResumableDataLoader, TrainSampler
-from finetune.data.sources import SPLIT_WORDS, SPLITS, Source, discover, load_file, load_hub, looks_local
+from finetune.data.sources import (
+    SPLIT_WORDS,
+    SPLITS,
+    TEXT_KINDS,
+    TEXT_SAMPLING,
+    Source,
+    discover,
+    load_file,
+    load_hub,
+    looks_local,
+)
 from finetune.data.templates import ALPACA, ALPACA_NO_INPUT, CHATML, check_prompt_template, tokenizer_chat_template
 
 STAGE_SPLITS = {
@@ -83,13 +93,17 @@ class DataModule(L.LightningDataModule):
             split whose word their name or folder holds as a whole word (train/training, validation/valid/val/dev,
             test/testing/eval/evaluation: ``train-0.jsonl``, ``dev.csv``, ``valid/a.jsonl``; not ``devices.csv``);
             when no name holds one, all are train; else files without one are left out, with a warning.
-        train_files: Train file(s), instead of `path`. Types: .jsonl, .json, .csv, .parquet, .txt (a row per line).
+        train_files: Train file(s), instead of `path`. Types: .jsonl, .json, .csv, .parquet, .txt (see sample_by).
         validation_files: Validation file(s).
         test_files: Test file(s).
         predict_files: File(s) to predict on; with `path` and no predict files, its test split.
         validation_fraction: Carve this fraction of the train rows out as the validation split (seeded), when there
             are no validation files.
         seed: Seed of the train order (seed + epoch) and of the validation carve.
+        sample_by: How a .txt file is cut into rows (samples), as `datasets`' text builder offers: line, paragraph
+            (blocks of lines separated by blank lines, their line breaks kept), document (the whole file), or auto:
+            paragraph for a file in which blank lines separate the text (multi-line documents: books, articles),
+            else line. Packing then packs whole paragraphs or documents, each attending only to itself.
         fields: Logical field -> column name, for columns named otherwise. Fields: text {text}; instruction
             {instruction, input (optional), output}; chat {messages}; classification {text, text_pair (optional),
             label}; seq2seq {source, target}.
@@ -98,6 +112,9 @@ class DataModule(L.LightningDataModule):
         max_target_length: Longest seq2seq target in tokens (default: max_length).
         packing: Pack causal-LM samples back to back into rows of max_length tokens (each attends only to itself),
             so no compute goes to padding. Default: on for plain text (pretraining), off otherwise.
+        group_by_length: Train batches of rows of similar length, so that less compute goes to padding: shuffled
+            megabatches of 50 batches sorted by length, as `transformers`' ``group_by_length`` (seeded, sharded and
+            resumable as the plain shuffle). Default: on where rows are padded (packing off), off with packing.
         train_on_prompt: Instruction and chat data: compute the loss on the prompt too, not only on the response.
         chat_template: A Jinja chat template replacing the tokenizer's (default: the tokenizer's, else ChatML).
         prompt_template: Instruction prompt for rows with an input, with {instruction} and {input} (default:
@@ -130,10 +147,12 @@ class DataModule(L.LightningDataModule):
         predict_files: str | list[str] | None = None,
         validation_fraction: float | None = None,
         seed: int = 0,
+        sample_by: Literal["auto", "line", "paragraph", "document"] = "auto",
         fields: dict[str, str] | None = None,
         max_length: int = 1024,
         max_target_length: int | None = None,
         packing: bool | None = None,
+        group_by_length: bool | None = None,
         train_on_prompt: bool = False,
         chat_template: str | None = None,
         prompt_template: str = ALPACA,
@@ -157,13 +176,14 @@ class DataModule(L.LightningDataModule):
             "test": _as_list(test_files),
             "predict": _as_list(predict_files),
         }
-        self.validation_fraction, self.seed = validation_fraction, seed
+        self.validation_fraction, self.seed, self.sample_by = validation_fraction, seed, sample_by
         self.fields = dict(fields or {})
         self.max_length = max_length
         self.max_target_length = max_target_length or max_length
         if packing is None:
             packing = format == "text" and objective == "causal_lm"
         self.packing, self.train_on_prompt = packing, train_on_prompt
+        self.group_by_length = not packing if group_by_length is None else group_by_length
         self.chat_template = chat_template
         self.prompt_template, self.prompt_template_no_input = prompt_template, prompt_template_no_input
         self.labels = list(labels) if labels is not None else None
@@ -184,6 +204,8 @@ class DataModule(L.LightningDataModule):
         """Raises a ValueError for settings that can't work together."""
         if self.format not in FIELDS:
             raise ValueError(f"format={self.format!r}; expected one of {list(FIELDS)}")
+        if self.sample_by not in TEXT_SAMPLING:
+            raise ValueError(f"sample_by={self.sample_by!r}; expected one of {list(TEXT_SAMPLING)}")
         if self.objective not in OBJECTIVE_FORMATS:
             raise ValueError(f"objective={self.objective!r}; expected one of {list(OBJECTIVE_FORMATS)}")
         if self.format not in OBJECTIVE_FORMATS[self.objective]:
@@ -191,6 +213,8 @@ class DataModule(L.LightningDataModule):
                 f"format={self.format!r} can't be used for the {self.objective!r} objective; it takes "
                 f"{' or '.join(OBJECTIVE_FORMATS[self.objective])} data"
             )
+        if self.packing and self.group_by_length:
+            raise ValueError("group_by_length=True is for padded rows; packed rows are all max_length long")
         if self.packing and self.objective != "causal_lm":
             raise ValueError(f"packing=True is for causal_lm only, not {self.objective!r}")
         unknown = set(self.fields) - set(FIELDS[self.format])
@@ -269,20 +293,30 @@ class DataModule(L.LightningDataModule):
         """The sources of a split, loaded once: its files, else what `path` holds for it."""
         if split not in self._sources:
             if self.files[split] or self.path is None:
-                self._sources[split] = [load_file(f, self.cache_dir) for f in self.files[split]]
+                self._sources[split] = [self._load(f) for f in self.files[split]]
             else:
                 if self._discovered is None:
                     self._discovered = self._discover()
                 self._sources[split] = self._discovered.get(split, [])
         return self._sources[split]
 
+    def _load(self, file: str) -> Source:
+        """One data file; says how a .txt file was cut into rows when ``sample_by=auto`` chose paragraphs."""
+        source = load_file(file, self.cache_dir, self.sample_by)
+        if self.sample_by == "auto" and source.kind == TEXT_KINDS["paragraph"]:
+            rank_zero_info(
+                f"{file}: blank lines separate its text, so each paragraph is a row ({len(source.dataset)} rows); "
+                "set data.sample_by=line for a row per line"
+            )
+        return source
+
     def _discover(self) -> dict[str, list[Source]]:
         path = self.path
         if Path(path).expanduser().is_dir():
             files, unmatched = discover(path)
-            sources = {split: [load_file(f, self.cache_dir) for f in fs] for split, fs in files.items()}
+            sources = {split: [self._load(f) for f in fs] for split, fs in files.items()}
         elif Path(path).expanduser().is_file():
-            sources, unmatched = {"train": [load_file(path, self.cache_dir)]}, []
+            sources, unmatched = {"train": [self._load(path)]}, []
         elif looks_local(path):
             raise FileNotFoundError(f"path={path}: no such data file or folder")
         else:
@@ -447,10 +481,16 @@ class DataModule(L.LightningDataModule):
     def train_dataloader(self) -> ResumableDataLoader:
         data = self._dataset("train")
         num_replicas, rank = self._replicas()
+        lengths = None
+        if self.group_by_length:
+            lengths = self._split("train").dataset.select_columns(["length"]).with_format("numpy")[:]["length"]
+        accumulate = getattr(getattr(self, "trainer", None), "accumulate_grad_batches", 1)
+        sampler = TrainSampler(len(data), seed=self.seed, num_replicas=num_replicas, rank=rank, lengths=lengths,
+                               rows_per_step=self.batch_size * accumulate)  # fmt: skip
         return ResumableDataLoader(
             data,
             batch_size=self.batch_size,
-            sampler=TrainSampler(len(data), seed=self.seed, num_replicas=num_replicas, rank=rank),
+            sampler=sampler,
             collate_fn=self._collator("train"),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
