@@ -1,9 +1,8 @@
-"""Tensor parallelism (``ModelParallelStrategy(tensor_parallel_size=2)``, gloo on CPU): a TP 2 x DP 1 run of LLaMA
-(grouped-query attention) and of GPT-2 (fused ``c_attn``, tied head) logs the 1-process loss at every step, ends
-with the same weights and generates the same sample; models without a plan, and adapters, are refused.
-
-TP 2 x DP 1 rather than TP 2 x FSDP2 2: 4 CPU processes do not fit CI's time. The plan is still applied before
-``fully_shard`` (over the data-parallel dimension of size 1), as in a 2D run."""
+"""Tensor parallelism (``ModelParallelStrategy``, gloo on CPU): a 2D run, TP 2 x FSDP2 2 (4 processes), of LLaMA
+(grouped-query attention) and a TP 2 x DP 1 run of GPT-2 (fused ``c_attn``, tied head) log the 1-process loss at
+every step, end with the same weights and generate the same sample; models without a plan, and adapters, are
+refused. (GPT-2 runs on 2 processes only, to keep to two multi-process runs; both go through ``fully_shard`` after
+the plan, over a data-parallel dimension of 2 or 1.)"""
 
 import json
 import re
@@ -19,17 +18,26 @@ from tests.tasks.test_strategies import run_cli
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 STEPS = 3
-TP2 = (
-    "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
-    "--trainer.strategy.data_parallel_size=1",
-    "--trainer.strategy.tensor_parallel_size=2",
-    "--trainer.devices=2",
-    "--trainer.accelerator=cpu",
-)
+BATCH = 4  # rows per step, of all data-parallel ranks together
+
+
+def _strategy(dp: int, tp: int) -> tuple[str, ...]:
+    return (
+        "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
+        f"--trainer.strategy.data_parallel_size={dp}",
+        f"--trainer.strategy.tensor_parallel_size={tp}",
+        f"--trainer.devices={dp * tp}",
+        "--trainer.accelerator=cpu",
+        f"--data.batch_size={BATCH // dp}",
+    )
+
+
+DP = {"llama": 2, "gpt2": 1}  # data-parallel size of each family's run with TP 2
 NO_DROPOUT = {"gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}, "llama": {}}
 
 
-# Each rank holds these rows x columns of the (vocabulary 320, width 32, MLP 128 / 64, 4 heads of 8) tiny models.
+# Each tensor-parallel rank holds these rows x columns of the tiny models (vocabulary 320, width 32, MLP 128 / 64,
+# 4 heads of 8).
 LOCAL_SHAPES = {
     "llama": {"embed_tokens.weight": [160, 32], "lm_head.weight": [160, 32], "layers.0.attn.q_proj.weight": [16, 32],
               "layers.0.attn.k_proj.weight": [8, 32], "layers.0.attn.o_proj.weight": [32, 16],
@@ -65,7 +73,7 @@ def _config(folder, stand_in, arch: str, *, callbacks=(), **model) -> str:
         # would turn their rounding noise, which differs with the summation order, into full steps.
         {"pretrained": str(stand_in(arch)), "config": NO_DROPOUT[arch], "lr": 1e-2, "schedule": "constant", "eps": 1e-4,
          "max_new_tokens": 8, "sample_prompt": "the quick", **model},
-        {"format": "text", "train_files": data, "batch_size": 4, "max_length": 16},
+        {"format": "text", "train_files": data, "batch_size": BATCH, "max_length": 16},
         trainer={"max_steps": STEPS, "callbacks": list(callbacks)},
     )  # fmt: skip
 
@@ -82,10 +90,15 @@ def test_tensor_parallel_equals_one_process(arch, tmp_path, stand_in, capsys):
     fit(_config(one, stand_in, arch))
     one_sample = _sample(capsys.readouterr().out)
     shapes = {"class_path": "tests.tasks.test_tensor_parallel.SaveLocalShapes", "init_args": {"folder": str(tp)}}
-    out = run_cli("fit", "--config", _config(tp, stand_in, arch, callbacks=[shapes]), *TP2, torchrun=True)
-    for rank in (0, 1):  # each rank holds its half of every planned layer and attends with half the heads
+    dp = DP[arch]
+    config = _config(tp, stand_in, arch, callbacks=[shapes])
+    out = run_cli("fit", "--config", config, *_strategy(dp, 2), torchrun=True, processes=2 * dp)
+    # Each rank holds its half of every planned layer (and FSDP2 its half of that, by rows) and attends with half
+    # the heads.
+    expected = {k: [v[0] // dp, *v[1:]] for k, v in LOCAL_SHAPES[arch].items()}
+    for rank in range(2 * dp):
         local, heads = json.loads((tp / f"shapes-{rank}.json").read_text())
-        assert {k: local[k] for k in LOCAL_SHAPES[arch]} == LOCAL_SHAPES[arch]
+        assert {k: local[k] for k in expected} == expected
         assert heads == [[2, 1] if arch == "llama" else [2, 2]] * 2
 
     one_loss, tp_loss = logged(one / "run", "train/loss_step"), logged(tp / "run", "train/loss_step")
