@@ -22,6 +22,7 @@ from finetune.callbacks import (
     checkpoint_error,
 )
 from finetune.data import DataModule
+from finetune.parallel import tensor_parallel_size
 from finetune.tasks import Task
 from finetune.tasks.base import hold_gathered
 
@@ -146,10 +147,12 @@ class FinetuneCLI(LightningCLI):
     def after_fit(self) -> None:
         sample = None
         if hasattr(self.model, "sample"):
-            # Rank 0 generates alone: under FSDP2 all ranks first gather the weights together (a collective).
+            # Rank 0 generates alone: under FSDP2 all ranks first gather the weights together (a collective). Under
+            # tensor parallelism every rank generates (each layer's forward is a collective); rank 0 prints.
             hold_gathered(self.model.model, True)
+            every_rank = tensor_parallel_size(self.model.device_mesh) > 1
             try:
-                sample = self.model.sample() if self.trainer.is_global_zero else None
+                sample = self.model.sample() if self.trainer.is_global_zero or every_rank else None
             finally:
                 hold_gathered(self.model.model, False)
         if not self.trainer.is_global_zero:

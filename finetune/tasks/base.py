@@ -223,6 +223,10 @@ class Task(L.LightningModule):
         # Keyed "<stage>_metrics": a ModuleDict key "train" would clash with ``nn.Module.train``.
         self.stage_metrics = nn.ModuleDict({f"{s}_metrics": self.make_metrics(s) for s in STAGES})
         if self.device_mesh is not None:
+            from finetune.parallel import apply_tensor_parallel
+
+            # Tensor parallelism first, then FSDP2 over the data-parallel dimension: TP x FSDP2 (2D) composes.
+            apply_tensor_parallel(self.model, self.device_mesh, adapter=self.adapter_spec is not None)
             _fully_shard(self.model, self.device_mesh)
 
     # ----------------------------------------------------------------------------------------- metrics

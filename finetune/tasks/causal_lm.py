@@ -13,6 +13,7 @@ from finetune.models.base import DecoderLM
 from finetune.models.hub import SUPPORTED_MODEL_TYPES, family_of
 from finetune.nn import build_mask
 from finetune.nn.loss import linear_cross_entropy
+from finetune.parallel import tensor_parallel_size
 from finetune.tasks.base import Task
 from finetune.tasks.metrics import LM_METRICS
 
@@ -106,7 +107,10 @@ class CausalLM(Task):
         to the final hidden states as they are. ``None`` for a head an adapter wraps or trains (``modules_to_save``),
         and for HF models outside our decoder families (some scale or soft-cap their logits). Also ``None`` for an
         HF model under FSDP2: its decoder alone, called outside the root's forward, would find the embedding still
-        sharded (ours returns hidden states through its own forward)."""
+        sharded (ours returns hidden states through its own forward). And ``None`` under tensor parallelism, whose
+        head is sharded over the vocabulary and gathers its logits itself."""
+        if tensor_parallel_size(self.device_mesh) > 1:
+            return None
         if self.is_hf:
             if self.device_mesh is not None:
                 return None
