@@ -320,21 +320,32 @@ def export_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="finetune export",
         description="Write a run as a merged Hugging Face model folder (AutoModelFor<Task>.from_pretrained loads it) "
-        "or a PEFT adapter folder (PeftModel.from_pretrained loads it onto the base). Written beside DIR and renamed "
-        "at the end: a failure leaves nothing behind.",
+        "or a PEFT adapter folder (PeftModel.from_pretrained loads it onto the base), or a run or Hugging Face folder "
+        "as a GGUF file with an Ollama Modelfile (llama.cpp, Ollama). Written beside DIR and renamed at the end: a "
+        "failure leaves nothing behind.",
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (trainer.default_root_dir of a fit)")
     parser.add_argument("--ckpt", default="best", help="best (default), last, or a checkpoint path")
-    parser.add_argument("--format", required=True, choices=["merged", "adapter"])
+    parser.add_argument("--format", required=True, choices=["merged", "adapter", "gguf"])
     parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0", "q4_0"], default=None,
+                        help="gguf: the tensors' type (default f16); q8_0/q4_0 in blocks of 32")  # fmt: skip
     parser.add_argument("--dtype", choices=list(DTYPES), help="weights' dtype (default: the base checkpoint's)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty DIR")
     parser.add_argument("--max-shard-size", type=int, default=5 * 2**30, help="bytes per safetensors shard")
     args = parser.parse_args(argv)
     try:
-        out = export(args.run_dir, args.out, format=args.format, ckpt=args.ckpt, dtype=args.dtype,
-                     force=args.force, max_shard_size=args.max_shard_size)  # fmt: skip
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+        if args.outtype is not None and args.format != "gguf":
+            raise ValueError("--outtype: only with --format gguf (merged/adapter take --dtype)")
+        if args.format == "gguf":
+            from finetune.export_gguf import export_gguf
+
+            out = export_gguf(args.run_dir, args.out, outtype=args.outtype or "f16", ckpt=args.ckpt,
+                              overwrite=args.force)  # fmt: skip
+        else:
+            out = export(args.run_dir, args.out, format=args.format, ckpt=args.ckpt, dtype=args.dtype,
+                         force=args.force, max_shard_size=args.max_shard_size)  # fmt: skip
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, ImportError) as e:
         print(f"finetune export: error: {e}", file=sys.stderr)
         return 2
     print(f"exported ({args.format}): {out}")
@@ -581,6 +592,8 @@ commands:
                       list the bundled recipes, or copy one out to edit
   export RUN_DIR --format merged|adapter --out DIR [--ckpt best|last|PATH] [--dtype bf16|fp32] [--force]
                       a run as a merged Hugging Face model folder, or as a PEFT adapter folder
+  export MODEL --format gguf --outtype f32|f16|bf16|q8_0|q4_0 --out DIR
+                      a run or HF folder (LLaMA/Mistral, GPT-2) as DIR/model.gguf + an Ollama Modelfile
   tokenizer train --files F [F ...] --vocab-size N --out DIR
                       train a byte-level BPE tokenizer (ours; transformers and tokenizers load it)
   generate MODEL --prompt TEXT | --prompts FILE.jsonl [--max-new-tokens --temperature --top-k --top-p --seed
