@@ -418,6 +418,36 @@ def quantize_command(argv: list[str]) -> int:
     return 0
 
 
+def attention_command(argv: list[str]) -> int:
+    from finetune import inference
+    from finetune.attention_maps import write_maps
+
+    parser = argparse.ArgumentParser(
+        prog="finetune attention",
+        description="Attention maps of a from-scratch model on one prompt: DIR/layer_N.png (a heat map per head, "
+        "tokens on the axes) and DIR/attention.npz (the weights, (heads, tokens, tokens) per layer).",
+    )
+    parser.add_argument("model", metavar="MODEL", help="a run folder (its best checkpoint) or a Hugging Face folder")
+    parser.add_argument("--ckpt", default="best", help="of a run folder: best (default), last, or a checkpoint path")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                        metavar="I,J,...", help="layer numbers (default: all)")  # fmt: skip
+    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--force", action="store_true", help="replace an earlier DIR")
+    args = parser.parse_args(argv)
+    try:
+        from finetune.folders import check_target
+
+        check_target(Path(args.out), overwrite=args.force, protect=[Path(args.model)])
+        loaded = inference.load(args.model, ckpt=args.ckpt)
+        out = write_maps(loaded, args.prompt, args.out, layers=args.layers, overwrite=args.force)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"finetune attention: error: {e}", file=sys.stderr)
+        return 2
+    print(f"attention maps: {out}")
+    return 0
+
+
 def _sampling(args: argparse.Namespace):
     from finetune.inference import Sampling
 
@@ -604,6 +634,8 @@ commands:
                       (generate and chat: --quantize int8|int4 [--group-size N] quantizes the weights after loading)
   quantize MODEL --bits 8|4 [--group-size N] --out DIR
                       a folder of weight-only int8/int4 weights that generate/chat load as saved
+  attention MODEL --prompt TEXT [--layers I,J] --out DIR
+                      attention maps: a PNG heat map per layer (a panel per head) and the weights as .npz
   demo                convert a small random HF LLaMA, check parity with transformers, generate
 """
 
@@ -618,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "export":
         return export_command(argv[1:])
     commands = {"generate": generate_command, "chat": chat_command, "tokenizer": tokenizer_cli,
-                "quantize": quantize_command}  # fmt: skip
+                "quantize": quantize_command, "attention": attention_command}  # fmt: skip
     if argv[0] in commands:
         return commands[argv[0]](argv[1:])
     if argv and argv[0] == "demo":
