@@ -4,6 +4,7 @@ backends; the Ollama Modelfile; refusals that leave nothing behind."""
 
 import copy
 
+import gguf  # in the dev extra: a missing package fails here rather than skipping
 import numpy as np
 import pytest
 import torch
@@ -14,7 +15,6 @@ from finetune.cli import export_command
 from finetune.export_gguf import encode_tensor, modelfile
 from tests.export.test_export import toolkit_logits, train
 
-gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 TEXT = "the quick brown fox jumps over the lazy dog"
 
