@@ -138,21 +138,32 @@ def export_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="finetune export",
         description="Write a run as a merged Hugging Face model folder (AutoModelFor<Task>.from_pretrained loads it) "
-        "or a PEFT adapter folder (PeftModel.from_pretrained loads it onto the base). Written beside DIR and renamed "
-        "at the end: a failure leaves nothing behind.",
+        "or a PEFT adapter folder (PeftModel.from_pretrained loads it onto the base), or a run or Hugging Face folder "
+        "as a GGUF file with an Ollama Modelfile (llama.cpp, Ollama). Written beside DIR and renamed at the end: a "
+        "failure leaves nothing behind.",
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (trainer.default_root_dir of a fit)")
     parser.add_argument("--ckpt", default="best", help="best (default), last, or a checkpoint path")
-    parser.add_argument("--format", required=True, choices=["merged", "adapter"])
+    parser.add_argument("--format", required=True, choices=["merged", "adapter", "gguf"])
     parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0", "q4_0"], default=None,
+                        help="gguf: the tensors' type (default f16); q8_0/q4_0 in blocks of 32")  # fmt: skip
     parser.add_argument("--dtype", choices=list(DTYPES), help="weights' dtype (default: the base checkpoint's)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty DIR")
     parser.add_argument("--max-shard-size", type=int, default=5 * 2**30, help="bytes per safetensors shard")
     args = parser.parse_args(argv)
     try:
-        out = export(args.run_dir, args.out, format=args.format, ckpt=args.ckpt, dtype=args.dtype,
-                     force=args.force, max_shard_size=args.max_shard_size)  # fmt: skip
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+        if args.outtype is not None and args.format != "gguf":
+            raise ValueError("--outtype: only with --format gguf (merged/adapter take --dtype)")
+        if args.format == "gguf":
+            from finetune.export_gguf import export_gguf
+
+            out = export_gguf(args.run_dir, args.out, outtype=args.outtype or "f16", ckpt=args.ckpt,
+                              overwrite=args.force)  # fmt: skip
+        else:
+            out = export(args.run_dir, args.out, format=args.format, ckpt=args.ckpt, dtype=args.dtype,
+                         force=args.force, max_shard_size=args.max_shard_size)  # fmt: skip
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, ImportError) as e:
         print(f"finetune export: error: {e}", file=sys.stderr)
         return 2
     print(f"exported ({args.format}): {out}")
@@ -171,6 +182,91 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of mass p")
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same output (default 0)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
+
+
+def _quantize_args(parser: argparse.ArgumentParser) -> None:
+    """``--quantize int8|int4 [--group-size N]``: weight-only quantization after loading (generate, chat, serve)."""
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="quantize the weights after loading: int8 per "
+                        "output channel, or int4 in groups (smaller, faster decoding on CPU)")  # fmt: skip
+    parser.add_argument("--group-size", type=int, default=None, help="int4: inputs per scale (32 default, 64, 128)")
+    parser.add_argument("--quantize-head", action="store_true", help="also quantize the output projection")
+
+
+def _quant_config(args: argparse.Namespace, bits: int | None = None):
+    """The ``QuantConfig`` of ``--quantize``/``--bits`` and ``--group-size`` (None without them)."""
+    if bits is None and args.quantize is None:
+        if args.group_size is not None:
+            raise ValueError("--group-size: only with --quantize int4")
+        return None
+    from finetune.quant import QuantConfig
+
+    bits = bits or int(args.quantize.removeprefix("int"))
+    if bits == 8 and args.group_size is not None:
+        raise ValueError("--group-size: int8 has one scale per output channel; give it with int4 only")
+    return QuantConfig(bits, args.group_size, head=args.quantize_head)
+
+
+def quantize_command(argv: list[str]) -> int:
+    from finetune import inference
+    from finetune.quant import save_quantized
+
+    parser = argparse.ArgumentParser(
+        prog="finetune quantize",
+        description="Write a model (a run folder or a Hugging Face folder) with weight-only int8 or int4 weights: a "
+        "folder that `finetune generate|chat` load quantized as saved. Written beside DIR and renamed at the end.",
+    )
+    parser.add_argument("model", metavar="MODEL", help="a run folder (its best checkpoint) or a Hugging Face folder")
+    parser.add_argument("--ckpt", default="best", help="of a run folder: best (default), last, or a checkpoint path")
+    parser.add_argument("--bits", type=int, choices=[8, 4], required=True)
+    parser.add_argument("--group-size", type=int, default=None, help="4 bits: inputs per scale (32 default, 64, 128)")
+    parser.add_argument("--quantize-head", action="store_true", help="also quantize the output projection")
+    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty DIR")
+    args = parser.parse_args(argv)
+    try:
+        config = _quant_config(args, bits=args.bits)
+        from finetune.folders import check_target
+
+        check_target(Path(args.out), overwrite=args.force, protect=[Path(args.model)])  # before the (long) load
+        loaded = inference.load(args.model, ckpt=args.ckpt, quantize=config)
+        extra = {"stop_ids": loaded.stop_ids, "chat_template": loaded.chat_template, "source": loaded.source}
+        out = save_quantized(loaded.model, args.out, tokenizer=loaded.tokenizer, extra=extra, overwrite=args.force,
+                             protect=[Path(args.model)])  # fmt: skip
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+        print(f"finetune quantize: error: {e}", file=sys.stderr)
+        return 2
+    print(f"quantized ({config.name}): {out}")
+    return 0
+
+
+def attention_command(argv: list[str]) -> int:
+    from finetune import inference
+    from finetune.attention_maps import write_maps
+
+    parser = argparse.ArgumentParser(
+        prog="finetune attention",
+        description="Attention maps of a from-scratch model on one prompt: DIR/layer_N.png (a heat map per head, "
+        "tokens on the axes) and DIR/attention.npz (the weights, (heads, tokens, tokens) per layer).",
+    )
+    parser.add_argument("model", metavar="MODEL", help="a run folder (its best checkpoint) or a Hugging Face folder")
+    parser.add_argument("--ckpt", default="best", help="of a run folder: best (default), last, or a checkpoint path")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                        metavar="I,J,...", help="layer numbers (default: all)")  # fmt: skip
+    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--force", action="store_true", help="replace an earlier DIR")
+    args = parser.parse_args(argv)
+    try:
+        from finetune.folders import check_target
+
+        check_target(Path(args.out), overwrite=args.force, protect=[Path(args.model)])
+        loaded = inference.load(args.model, ckpt=args.ckpt)
+        out = write_maps(loaded, args.prompt, args.out, layers=args.layers, overwrite=args.force)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"finetune attention: error: {e}", file=sys.stderr)
+        return 2
+    print(f"attention maps: {out}")
+    return 0
 
 
 def _sampling(args: argparse.Namespace, loaded):
@@ -213,6 +309,7 @@ def generate_command(argv: list[str]) -> int:
         'printed to stdout, or a JSONL file of {"prompt": ...} rows written as JSONL with an "output" per row.',
     )
     _sampling_args(parser)
+    _quantize_args(parser)
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the text to continue")
     src.add_argument("--prompts", metavar="FILE.jsonl", help='one {"prompt": ...} per line')
@@ -230,7 +327,7 @@ def generate_command(argv: list[str]) -> int:
         if args.out:
             _check_out_file(Path(args.out), Path(args.prompts) if args.prompts else None, force=args.force)
         rows = inference.read_prompts(Path(args.prompts)) if args.prompts else [{"prompt": args.prompt}]
-        loaded = inference.load(args.model, ckpt=args.ckpt, device=_device(args))
+        loaded = inference.load(args.model, ckpt=args.ckpt, device=_device(args), quantize=_quant_config(args))
         sampling = _sampling(args, loaded)
         draft = None
         if args.draft:
@@ -283,11 +380,12 @@ def chat_command(argv: list[str], stdin=None) -> int:
         "leave.",
     )
     _sampling_args(parser)
+    _quantize_args(parser)
     parser.add_argument("--system", help="a system message opening the conversation")
     args = parser.parse_args(argv)
     stdin = stdin or sys.stdin
     try:
-        loaded = inference.load(args.model, ckpt=args.ckpt, device=_device(args))
+        loaded = inference.load(args.model, ckpt=args.ckpt, device=_device(args), quantize=_quant_config(args))
         chat = inference.Chat(loaded, _sampling(args, loaded), system=args.system)
     except (FileNotFoundError, ValueError) as e:
         print(f"finetune chat: error: {e}", file=sys.stderr)
@@ -351,6 +449,8 @@ commands:
                       list the bundled recipes, or copy one out to edit
   export RUN_DIR --format merged|adapter --out DIR [--ckpt best|last|PATH] [--dtype bf16|fp32] [--force]
                       a run as a merged Hugging Face model folder, or as a PEFT adapter folder
+  export MODEL --format gguf --outtype f32|f16|bf16|q8_0|q4_0 --out DIR
+                      a run or HF folder (LLaMA/Mistral, GPT-2) as DIR/model.gguf + an Ollama Modelfile
   tokenizer train --files F [F ...] --vocab-size N --out DIR
                       train a byte-level BPE tokenizer (ours; transformers and tokenizers load it)
   generate MODEL --prompt TEXT | --prompts FILE.jsonl [--max-new-tokens --temperature --top-k --top-p --seed
@@ -358,6 +458,11 @@ commands:
                       continue prompts with a run folder or a Hugging Face folder
   chat MODEL [--system TEXT]
                       talk to a model through its chat template, the conversation kept in the KV cache
+                      (generate and chat: --quantize int8|int4 [--group-size N] quantizes the weights after loading)
+  quantize MODEL --bits 8|4 [--group-size N] --out DIR
+                      a folder of weight-only int8/int4 weights that generate/chat load as saved
+  attention MODEL --prompt TEXT [--layers I,J] --out DIR
+                      attention maps: a PNG heat map per layer (a panel per head) and the weights as .npz
   demo                convert a small random HF LLaMA, check parity with transformers, generate
 """
 
@@ -371,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         return recipes_command(argv[1:])
     if argv and argv[0] == "export":
         return export_command(argv[1:])
-    commands = {"generate": generate_command, "chat": chat_command, "tokenizer": tokenizer_cli}
+    commands = {"generate": generate_command, "chat": chat_command, "tokenizer": tokenizer_cli,
+                "quantize": quantize_command, "attention": attention_command}  # fmt: skip
     if argv[0] in commands:
         return commands[argv[0]](argv[1:])
     if argv and argv[0] == "demo":

@@ -37,11 +37,14 @@ class Loaded:
         return prompt_ids(self.tokenizer, text)
 
 
-def load(path: str | Path, *, ckpt: str = "best", device: str = "cpu", what: str = "MODEL") -> Loaded:
-    """A run folder (``config.yaml``: its ``ckpt``, adapter merged) or a Hugging Face folder (``config.json``)."""
+def load(path: str | Path, *, ckpt: str = "best", device: str = "cpu", what: str = "MODEL", quantize=None) -> Loaded:
+    """A run folder (``config.yaml``: its ``ckpt``, adapter merged), a quantized folder (``finetune quantize``) or a
+    Hugging Face folder (``config.json``); ``quantize`` (a ``finetune.quant.QuantConfig``) quantizes it after."""
     folder = Path(path)
     if (folder / "config.yaml").is_file():
         loaded = _load_run(folder, ckpt)
+    elif (folder / "quantization.json").is_file():
+        loaded = _load_quantized(folder)
     elif (folder / "config.json").is_file():
         loaded = _load_hf(folder)
     elif folder.exists():
@@ -50,7 +53,22 @@ def load(path: str | Path, *, ckpt: str = "best", device: str = "cpu", what: str
     else:
         raise FileNotFoundError(f"{what} {folder}: no such folder")
     loaded.model.to(device)
+    if quantize is not None:
+        from finetune.quant import quantize_model
+
+        quantize_model(loaded.model, quantize)
     return loaded
+
+
+def _load_quantized(folder: Path) -> Loaded:
+    from transformers import AutoTokenizer
+
+    from finetune.quant import load_quantized
+
+    model, info = load_quantized(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return Loaded(model, tokenizer, str(folder), info.get("stop_ids") or _eos_ids(model, tokenizer),
+                  info.get("chat_template"))  # fmt: skip
 
 
 def _load_hf(folder: Path) -> Loaded:
