@@ -22,7 +22,7 @@ from finetune.tasks.metrics import PREFERENCE_METRICS
 Loss = Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"]
 Reference = Literal["auto", "adapter", "copy", "precomputed", "none"]
 NO_REFERENCE = ("simpo", "orpo")  # losses defined without a reference model
-LENGTH_NORMALIZED = ("ipo", "simpo", "orpo")  # losses over per-token mean log-probs (as TRL)
+LENGTH_NORMALIZED = ("ipo", "simpo", "orpo")  # losses over per-token mean log-probs (as TRL's)
 
 
 def pair_losses(
@@ -32,16 +32,21 @@ def pair_losses(
     ref_chosen: torch.Tensor | None,
     ref_rejected: torch.Tensor | None,
     *,
+    lengths: tuple[torch.Tensor, torch.Tensor] | None = None,
     beta: float,
     label_smoothing: float = 0.0,
     simpo_gamma: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair losses and the chosen and rejected rewards, all (B,), from per-sequence log-probs (B,): summed over
-    the completion, or per-token means for ``LENGTH_NORMALIZED`` losses (the caller divides). TRL's formulas:
+    """Per-pair losses and the chosen and rejected rewards, all (B,), from per-sequence log-probs (B,) summed over
+    the completions; ``LENGTH_NORMALIZED`` losses divide them by the completions' token ``lengths`` (chosen,
+    rejected; default 1). Rewards: beta x the summed log-ratio (DPO family), beta x the mean log-prob (SimPO, ORPO).
+    TRL's formulas:
     ``DPOTrainer`` (sigmoid, ipo, hinge, robust), ``CPOTrainer`` (simpo), ``ORPOTrainer`` (orpo, without its NLL
     term, which the task adds). ``sigmoid`` with ``label_smoothing`` is conservative DPO (cDPO)."""
     ls = label_smoothing
+    n_c, n_r = lengths if lengths is not None else (1, 1)
     if loss in NO_REFERENCE:
+        chosen, rejected = chosen / n_c, rejected / n_r
         rewards = beta * chosen, beta * rejected
         if loss == "simpo":
             z = beta * (chosen - rejected) - simpo_gamma
@@ -60,7 +65,7 @@ def pair_losses(
     elif loss == "hinge":
         losses = torch.relu(1 - z)
     elif loss == "ipo":
-        losses = (delta - 1 / (2 * beta)) ** 2
+        losses = (chosen_ratio / n_c - rejected_ratio / n_r - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"unknown preference loss {loss!r}")
     return losses, beta * chosen_ratio, beta * rejected_ratio
@@ -193,14 +198,10 @@ class Preference(CausalLM):
         logps, n = self.sequence_logps(batch)  # (2B,), (2B,)
         B = logps.size(0) // 2
         n = n.clamp(min=1)
-        ref = self.reference_logps(batch) if self.reference != "none" else None
-        scores, ref_scores = logps, ref
-        if h.loss in LENGTH_NORMALIZED:  # per-token means
-            scores = logps / n
-            ref_scores = ref / n if ref is not None else None
+        ref = self.reference_logps(batch) if self.reference != "none" else None  # (2B,)
         losses, rewards_c, rewards_r = pair_losses(
-            h.loss, scores[:B], scores[B:], *(ref_scores[:B], ref_scores[B:]) if ref is not None else (None, None),
-            beta=h.beta, label_smoothing=h.label_smoothing, simpo_gamma=h.simpo_gamma,
+            h.loss, logps[:B], logps[B:], *(ref[:B], ref[B:]) if ref is not None else (None, None),
+            lengths=(n[:B], n[B:]), beta=h.beta, label_smoothing=h.label_smoothing, simpo_gamma=h.simpo_gamma,
         )  # fmt: skip
         nll = -logps[:B] / n[:B]  # (B,) token-mean NLL of each chosen completion
         sft = h.sft_weight + (1.0 if h.loss == "orpo" else 0.0)

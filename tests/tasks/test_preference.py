@@ -45,6 +45,13 @@ def test_losses_by_hand(loss, expected):
     t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
     losses, rc, rr = pair_losses(loss, t(-2.0), t(-5.0), t(-3.0), t(-4.0), beta=0.5, label_smoothing=0.1,
                                  simpo_gamma=0.25)  # fmt: skip
+    n = (t(2.0), t(1.0))  # per-token means for ipo/simpo/orpo: chosen -1, rejected -5; ratios 0.5, -1
+    normalized = pair_losses(loss, t(-2.0), t(-5.0), t(-3.0), t(-4.0), lengths=n, beta=0.5, label_smoothing=0.1,
+                             simpo_gamma=0.25)[0].item()  # fmt: skip
+    odds = 4 - (math.log(1 - math.exp(-1)) - math.log(1 - math.exp(-5)))
+    by_hand = {"ipo": (1.5 - 1) ** 2, "simpo": -(0.9 * math.log(_sig(1.75)) + 0.1 * math.log(_sig(-1.75))),
+               "orpo": -0.5 * math.log(_sig(odds))}  # fmt: skip
+    assert normalized == pytest.approx(by_hand.get(loss, losses.item()), rel=1e-12)
     assert losses.item() == pytest.approx(expected, rel=1e-12)
     if loss in ("simpo", "orpo"):
         assert (rc.item(), rr.item()) == pytest.approx((-1.0, -2.5))
