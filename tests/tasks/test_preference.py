@@ -200,3 +200,52 @@ def test_reference_weights_bitwise_unchanged_by_training(stand_in, tmp_path, ref
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
     assert task.step(batch, "train", 0)["rewards_chosen"].abs().max() > 0  # and now differs from its reference
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_equals_straight_run(tmp_path, stand_in):
+    """Full fine-tuning against a frozen copy: killed mid-epoch and resumed, the weights and step losses equal an
+    uninterrupted run's (the copy is rebuilt from the pretrained weights, not from the checkpoint)."""
+    import signal
+    import time
+
+    from tests.tasks.helpers import cli_subprocess, weights
+    from tests.tasks.test_resume import _logged_now
+
+    n = 6
+    rows = [{**r, "prompt": r["prompt"] + f" {i}"} for i, r in enumerate(PAIRS * 3)]  # 12 pairs: 6 batches
+
+    def make(name):
+        folder = tmp_path / name
+        folder.mkdir()
+        data = {"format": "preference", "train_files": write_jsonl(folder / "p.jsonl", rows), "batch_size": 2}
+        model = {"pretrained": str(stand_in("llama")), "reference": "copy", "lr": 3e-3}
+        return recipe(folder, "Preference", model, data, trainer={"max_steps": n + 4},
+                      last_checkpoint={"every_n_train_steps": 2})  # fmt: skip
+
+    straight, killed = make("straight"), make("killed")
+    fit(straight)
+    last = tmp_path / "killed/run/checkpoints/last.ckpt"
+    proc = cli_subprocess("fit", "--config", killed)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            step = torch.load(last, weights_only=False)["global_step"] if last.exists() else 0
+            if step >= n // 2 and step - 1 in _logged_now(tmp_path / "killed/run"):
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert n // 2 <= torch.load(last, weights_only=False)["global_step"] < n + 4
+    fit(killed, "--ckpt_path", "last")
+    wa, wb = (weights(tmp_path / k / "run/checkpoints/last.ckpt") for k in ("straight", "killed"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=k)
+    la, lb = (logged(tmp_path / k / "run", "train/loss_step") for k in ("straight", "killed"))
+    assert sorted(la) == list(range(n + 4)) and lb == pytest.approx(la, abs=1e-6)
+    ma, mb = (logged(tmp_path / k / "run", "train/rewards/margins") for k in ("straight", "killed"))
+    assert mb == pytest.approx(ma, abs=1e-6)  # the epoch metric continues across the kill
