@@ -264,3 +264,15 @@ def test_bundled_recipe_ranks_held_out_pairs(tmp_path):
     assert main(args) == 0
     accuracy = logged(tmp_path / "run", "val/rewards/accuracies")
     assert list(accuracy) == [11] and accuracy[11] > 0.8, accuracy
+
+
+def test_lora_run_exports_like_every_task(tmp_path, stand_in):
+    """A DPO LoRA run exports merged and as a PEFT adapter (task_type CAUSAL_LM); both reload in plain
+    transformers/peft with the toolkit's logits."""
+    import json
+
+    from tests.export.test_export import check_exports
+
+    folder = _fit(tmp_path, "dpo", stand_in, {"adapter": "lora", "lr": 3e-2}, batch_size=4, max_steps=4)
+    check_exports(tmp_path, folder / "run", "llama", expect_base_folder=True)
+    assert json.loads((tmp_path / "adapter/adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
