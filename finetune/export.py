@@ -27,7 +27,13 @@ from finetune.tasks import Task, plain_hparams, task_class
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SHARD_SIZE = 5 * 2**30  # as save_pretrained
-PEFT_TASK_TYPES = {"CausalLM": "CAUSAL_LM", "Seq2Seq": "SEQ_2_SEQ_LM", "Classification": "SEQ_CLS"}
+GENERATING = ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM")  # the HF classes of tasks that write text
+PEFT_TASK_TYPES = {
+    "CausalLM": "CAUSAL_LM",
+    "Preference": "CAUSAL_LM",
+    "Seq2Seq": "SEQ_2_SEQ_LM",
+    "Classification": "SEQ_CLS",
+}
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -364,7 +370,7 @@ def _config(task: Task, model: nn.Module):
 
 
 def _generation_config(task: Task, config, folder: Path) -> None:
-    if task.objective not in ("causal_lm", "seq2seq"):
+    if task.auto_class not in GENERATING:
         return
     from transformers import GenerationConfig
 

@@ -91,12 +91,12 @@ def _load_hf(folder: Path) -> Loaded:
 def _load_run(folder: Path, ckpt: str) -> Loaded:
     import yaml
 
-    from finetune.export import load_run, merged_state
+    from finetune.export import GENERATING, load_run, merged_state
     from finetune.models.hub import from_state
 
     run = load_run(folder, ckpt)
     task = run.task
-    if task.objective not in ("causal_lm", "seq2seq"):
+    if task.auto_class not in GENERATING:
         raise ValueError(f"{folder}: a {type(task).__name__} run does not generate text; give a causal LM or "
                          "seq2seq run")  # fmt: skip
     if not (folder / "tokenizer").is_dir():

@@ -12,7 +12,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from finetune.bundled import resolve_path
-from finetune.data.collate import Collator, pad_id
+from finetune.data import preference
+from finetune.data.collate import Collator, PairCollator, pad_id
 from finetune.data.encode import FIELDS, OBJECTIVE_FORMATS, Encoder, collect_labels, resolve_columns
 from finetune.data.packing import PackedDataset
 from finetune.data.sampling import EvalSampler, ResumableDataLoader, TrainSampler
@@ -36,7 +37,7 @@ STAGE_SPLITS = {
     "predict": ("predict",),
     None: SPLITS,
 }
-MODEL_COLUMNS = ("input_ids", "labels", "token_type_ids", "special_tokens_mask")
+MODEL_COLUMNS = ("input_ids", "labels", "token_type_ids", "special_tokens_mask", *preference.COLUMNS)
 
 
 @dataclass
@@ -88,7 +89,7 @@ class DataModule(L.LightningDataModule):
     Trainer with ``use_distributed_sampler=False``).
 
     Args:
-        format: How rows are laid out: text, instruction, chat, classification or seq2seq.
+        format: How rows are laid out: text, instruction, chat, classification, seq2seq or preference.
         path: A data file, a folder or a Hugging Face hub dataset name. A folder's files (subfolders too) go to the
             split whose word their name or folder holds as a whole word (train/training, validation/valid/val/dev,
             test/testing/eval/evaluation: ``train-0.jsonl``, ``dev.csv``, ``valid/a.jsonl``; not ``devices.csv``);
@@ -106,7 +107,8 @@ class DataModule(L.LightningDataModule):
             else line. Packing then packs whole paragraphs or documents, each attending only to itself.
         fields: Logical field -> column name, for columns named otherwise. Fields: text {text}; instruction
             {instruction, input (optional), output}; chat {messages}; classification {text, text_pair (optional),
-            label}; seq2seq {source, target}.
+            label}; seq2seq {source, target}; preference {prompt, chosen, rejected (strings, or message lists
+            whose implicit prompt is their common prefix), ref_chosen_logps, ref_rejected_logps (optional)}.
         max_length: Longest sequence in tokens; longer rows are truncated (counted and reported) or, with packing,
             split.
         max_target_length: Longest seq2seq target in tokens (default: max_length).
@@ -128,7 +130,8 @@ class DataModule(L.LightningDataModule):
         pad_to_multiple_of: Pad the sequence length of each batch up to a multiple of this.
         cache_dir: Folder of the `datasets` cache (default: the `datasets` default, ~/.cache/huggingface/datasets).
         tokenizer: A tokenizer, or the path or hub name of one; set by the task from its model.
-        objective: What the task trains: causal_lm, seq2seq, classification or masked_lm; set by the task.
+        objective: What the task trains: causal_lm, seq2seq, classification, masked_lm or preference; set by the
+            task.
 
     Attributes:
         label_names: Classification label names in class-id order (after ``setup``).
@@ -139,7 +142,7 @@ class DataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        format: Literal["text", "instruction", "chat", "classification", "seq2seq"] = "text",
+        format: Literal["text", "instruction", "chat", "classification", "seq2seq", "preference"] = "text",
         path: str | None = None,
         train_files: str | list[str] | None = None,
         validation_files: str | list[str] | None = None,
@@ -253,8 +256,11 @@ class DataModule(L.LightningDataModule):
     def used_chat_template(self) -> str | None:
         """The Jinja template chat rows are rendered with: ``chat_template``, else the tokenizer's, else ChatML;
         None for the other formats. The run saves it with its tokenizer, and its end of turn stops generation."""
-        if self.format != "chat":
-            return None
+        return self.rendering_template() if self.format == "chat" else None
+
+    def rendering_template(self) -> str:
+        """``chat_template``, else the tokenizer's, else ChatML: what message lists are rendered with (chat rows, and
+        preference rows given as messages; the latter's run keeps the tokenizer's own template)."""
         return self.chat_template or tokenizer_chat_template(self._load_tokenizer()) or CHATML
 
     @property
@@ -352,7 +358,7 @@ class DataModule(L.LightningDataModule):
     def _encode_source(self, source: Source, split: str) -> datasets.Dataset:
         predict = split == "predict"
         columns = resolve_columns(source, self.format, self.fields, predict)
-        template = self.used_chat_template
+        template = self.rendering_template() if self.format in ("chat", "preference") else None
         encoder = Encoder(
             source=source,
             columns=columns,
@@ -426,7 +432,10 @@ class DataModule(L.LightningDataModule):
         table = enc.dataset.select_columns(["length", "truncated", "no_loss"]).with_format("numpy")[:]
         lengths, truncated, no_loss = table["length"], table["truncated"], table["no_loss"]
         packed = self.packing and split != "predict"
-        data = PackedDataset(enc.dataset, self.max_length) if packed else RowsDataset(enc.dataset, split == "predict")
+        rows = enc.dataset
+        if self.objective == "preference" and no_loss.any():  # pairs whose prompt alone fills max_length
+            rows = rows.select(np.nonzero(~no_loss)[0])
+        data = PackedDataset(rows, self.max_length) if packed else RowsDataset(rows, split == "predict")
         n = len(lengths)
         self.stats[split] = {
             "rows": n,
@@ -455,7 +464,12 @@ class DataModule(L.LightningDataModule):
                 f"{_count(split_rows, n)} longer than max_length={self.max_length} were split into "
                 f"{self.max_length}-token pieces for packing"
             )
-        if no_loss.any():
+        if no_loss.any() and self.objective == "preference":
+            messages.append(
+                f"{_count(no_loss.sum(), n)} were dropped: the prompt alone fills max_length={self.max_length} "
+                f"({_by_file(enc.files_of(no_loss))})"
+            )
+        elif no_loss.any():
             messages.append(
                 f"{_count(no_loss.sum(), n)} have no tokens to compute the loss on (a response cut entirely by "
                 f"truncation, an empty response, or no assistant turn) ({_by_file(enc.files_of(no_loss))})"
@@ -471,7 +485,8 @@ class DataModule(L.LightningDataModule):
         return kwargs.get("num_replicas", 1), kwargs.get("rank", 0)
 
     def _collator(self, split: str) -> Collator:
-        return Collator(
+        kind = PairCollator if self.objective == "preference" else Collator
+        return kind(
             self.pad_token_id,
             left=split == "predict" and self.objective == "causal_lm",  # generation continues at the right end
             pad_to_multiple_of=self.pad_to_multiple_of,

@@ -88,21 +88,21 @@ class CausalLM(Task):
             "segment_ids": seg,
         }
 
-    def logits(self, batch: dict) -> torch.Tensor:
-        """(B, T, V) logits."""
-        inputs = self._inputs(batch)
+    def logits(self, batch: dict, model: nn.Module | None = None) -> torch.Tensor:
+        """(B, T, V) logits of ``model`` (default: the task's)."""
+        inputs, model = self._inputs(batch), model or self.model
         if self.is_hf:
-            return self.model(**inputs).logits
-        return self.model(inputs.pop("input_ids"), **inputs)
+            return model(**inputs).logits
+        return model(inputs.pop("input_ids"), **inputs)
 
-    def hidden_states(self, batch: dict) -> torch.Tensor:
-        """(B, T, C) final hidden states, the output head's input."""
-        inputs = self._inputs(batch)
+    def hidden_states(self, batch: dict, model: nn.Module | None = None) -> torch.Tensor:
+        """(B, T, C) final hidden states of ``model`` (default: the task's), the output head's input."""
+        inputs, model = self._inputs(batch), model or self.model
         if self.is_hf:
-            return self.model.base_model(**inputs).last_hidden_state
-        return self.model(inputs.pop("input_ids"), **inputs, head=False)
+            return model.base_model(**inputs).last_hidden_state
+        return model(inputs.pop("input_ids"), **inputs, head=False)
 
-    def output_head(self) -> nn.Linear | None:
+    def output_head(self, model: nn.Module | None = None) -> nn.Linear | None:
         """The model's output head when the fused loss can stand in for it: a plain bias-free ``nn.Linear`` applied
         to the final hidden states as they are. ``None`` for a head an adapter wraps or trains (``modules_to_save``),
         and for HF models outside our decoder families (some scale or soft-cap their logits). Also ``None`` for an
@@ -111,15 +111,16 @@ class CausalLM(Task):
         head is sharded over the vocabulary and gathers its logits itself."""
         if tensor_parallel_size(self.device_mesh) > 1:
             return None
+        model = model or self.model
         if self.is_hf:
             if self.device_mesh is not None:
                 return None
-            model_type = self.model.config.model_type
+            model_type = model.config.model_type
             if model_type not in SUPPORTED_MODEL_TYPES or not issubclass(family_of(model_type).model_cls, DecoderLM):
                 return None
-            head = self.model.get_output_embeddings()
+            head = model.get_output_embeddings()
         else:
-            head = getattr(self.model, "lm_head", None)
+            head = getattr(model, "lm_head", None)
         return head if type(head) is nn.Linear and head.bias is None else None
 
     def step(self, batch: dict, stage: str, batch_idx: int) -> dict:
