@@ -11,7 +11,7 @@ from pathlib import Path
 
 import lightning.pytorch as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
@@ -139,6 +139,40 @@ class TokensPerSecond(L.Callback):
         rate = self._tokens / max(elapsed, 1e-9) * trainer.world_size  # ranks see equal-size shards
         pl_module.log("train/tokens_per_s", rate, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
         self._tokens, self._t0 = 0, time.perf_counter()
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar, with the run's bounds in its words and device reads only as often as the run logs.
+
+    The description reads ``Epoch 2/3`` for a run bounded by epochs and ``Epoch 1, step 120/300`` for one bounded
+    by steps (Lightning's bars say ``Epoch 0``, or with `rich` ``Epoch 0/-2``, for those). The bar counts every
+    batch, but reads its metrics (the step loss, a device tensor: a host sync) only every ``log_every_n_steps``
+    batches and at the end of the epoch, not on every step.
+    """
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(describe_progress(trainer))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        bar, n = self.train_progress_bar, batch_idx + 1
+        if bar is None or bar.disable or not self._should_update(n, bar.total):
+            return
+        bar.n = n
+        bar.set_description(describe_progress(trainer), refresh=False)
+        if n % max(1, trainer.log_every_n_steps) == 0 or n == bar.total:
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+        bar.refresh()
+
+
+def describe_progress(trainer: L.Trainer) -> str:
+    """``Epoch e/E`` (1-based; no ``/E`` without an epoch bound), then ``, step s/S`` when steps bound the run."""
+    text = f"Epoch {trainer.current_epoch + 1}"
+    if trainer.max_epochs is not None and trainer.max_epochs > 0:
+        text += f"/{trainer.max_epochs}"
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        text += f", step {trainer.global_step}/{trainer.max_steps}"
+    return text
 
 
 class RunFolder(L.Callback):

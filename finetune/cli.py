@@ -1,10 +1,14 @@
 """The ``finetune`` command: ``fit|validate|test|predict`` (LightningCLI over a recipe), ``recipes``, ``export``,
-``tokenizer``, ``generate``, ``chat``, ``demo``."""
+``tokenizer``, ``generate``, ``chat``, ``demo``.
+
+Every command starts fast: this module imports only the standard library, yaml and ``finetune.bundled`` at its top;
+torch, Lightning, transformers and peft are imported inside the commands that use them (``finetune --help`` and
+``finetune recipes`` import none of them). Keep it so: the LightningCLI class lives in ``finetune.lightning_cli``.
+"""
 
 import argparse
 import json
 import os
-import pickle
 import re
 import sys
 import tempfile
@@ -12,26 +16,17 @@ import time
 from pathlib import Path
 
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from finetune import bundled
-from finetune.callbacks import (
-    AtomicCheckpointIO,
-    LastCheckpoint,
-    NewEntries,
-    RunCSVLogger,
-    RunFolder,
-    TokensPerSecond,
-    checkpoint_error,
-)
-from finetune.data import DataModule
-from finetune.tasks import Task
-from finetune.tasks.base import hold_gathered
 
-# Strategies whose checkpoints go through the CheckpointIO plugin (FSDP/DeepSpeed/ModelParallel save their own).
-_PLUGIN_STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_find_unused_parameters_true", "single_device")
+
+def __getattr__(name: str):
+    """``finetune.cli.FinetuneCLI``, imported (with Lightning) on first use."""
+    if name == "FinetuneCLI":
+        from finetune.lightning_cli import FinetuneCLI
+
+        return FinetuneCLI
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -95,183 +90,6 @@ def demo(args: argparse.Namespace) -> int:
     return 0 if same and diff < 1e-4 and rt < 1e-4 else 1
 
 
-def _checkpoint_dir(root: str | None) -> str:
-    return str(Path(root or ".") / "checkpoints")
-
-
-class FinetuneCLI(LightningCLI):
-    """LightningCLI over ``Task`` subclasses and the ``DataModule``, writing everything into one run folder
-    (``trainer.default_root_dir``): config.yaml, checkpoints/{best,last}.ckpt, metrics.csv, tensorboard/, plots/,
-    tokenizer/, model_config.json, data stats, and the metrics of ``validate``/``test`` as JSON."""
-
-    def __init__(self, args=None, run: bool = True) -> None:
-        super().__init__(
-            model_class=Task,
-            subclass_mode_model=True,
-            datamodule_class=DataModule,
-            save_config_kwargs={"overwrite": True},  # a resumed run rewrites the same config
-            auto_configure_optimizers=False,  # the task owns its optimizer and schedule
-            seed_everything_default=0,
-            parser_kwargs={"exit_on_error": False},  # parse errors are raised; ``main`` prints them in one line
-            args=args,
-            run=run,
-        )
-
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        # No ``--weights_only``: every checkpoint loads with weights_only=True (``_prepare_subcommand_kwargs``).
-        return {name: skip | {"weights_only"} for name, skip in LightningCLI.subcommands().items()}
-
-    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
-        # Lightning unpickles remote checkpoints (URLs) with weights_only=False unless told: tell it, for every path.
-        return {**super()._prepare_subcommand_kwargs(subcommand), "weights_only": True}
-
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the hyperparameters of a local --ckpt_path (weights_only=True) while parsing.
-        try:
-            super()._parse_ckpt_path()
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-            raise checkpoint_error(self.config[self.config.subcommand].get("ckpt_path"), e) from e
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")  # the best checkpoint, by a chosen metric
-        parser.set_defaults(
-            {
-                "checkpoint.monitor": "val/loss",
-                "checkpoint.mode": "min",
-                "checkpoint.filename": "best",
-                "checkpoint.save_top_k": 1,
-                "checkpoint.auto_insert_metric_name": False,
-                "checkpoint.enable_version_counter": False,
-                "trainer.default_root_dir": "runs/default",
-                "trainer.use_distributed_sampler": False,  # the DataModule shards (and resumes) its own order
-            }
-        )
-        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
-        for key in ("checkpoint", "last_checkpoint"):
-            parser.link_arguments("trainer.default_root_dir", f"{key}.dirpath", compute_fn=_checkpoint_dir)
-        parser.link_arguments("model.tokenizer", "data.tokenizer", apply_on="instantiate")
-        parser.link_arguments("model.objective", "data.objective", apply_on="instantiate")
-
-    def _instantiate_trainer(self, config: dict, callbacks: list):
-        root = config.get("default_root_dir") or "."
-        if config.get("logger") in (None, True):
-            config["logger"] = [
-                RunCSVLogger(root),
-                TensorBoardLogger(root, name="tensorboard", version="", default_hp_metric=False),
-            ]
-        strategy = config.get("strategy", "auto")
-        if isinstance(strategy, str) and strategy in _PLUGIN_STRATEGIES and not config.get("plugins"):
-            config["plugins"] = [AtomicCheckpointIO()]
-        callbacks = [*callbacks, RunFolder(), TokensPerSecond()]
-        return super()._instantiate_trainer(config, callbacks)
-
-    # ---------------------------------------------------------------------------------------- subcommands
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.trainer.default_root_dir)
-
-    def _resolve_ckpt(self) -> None:
-        """``--ckpt_path best|last`` from a new process means ``checkpoints/{best,last}.ckpt`` of the run folder, and
-        is refused when that does not exist (a mistyped folder must not train from scratch or evaluate nothing)."""
-        cfg = self.config_init[self.subcommand]
-        name = cfg.get("ckpt_path")
-        if name not in ("best", "last") or (name == "best" and self.trainer.checkpoint_callback.best_model_path):
-            return
-        path = self.run_dir / "checkpoints" / f"{name}.ckpt"
-        if not path.exists():  # a file, or a folder (FSDP2 distributed checkpoint)
-            hint = "; to start a new run there, leave out --ckpt_path" if self.subcommand == "fit" else ""
-            raise FileNotFoundError(f"--ckpt_path {name}: nothing to load: {path} does not exist{hint}")
-        cfg["ckpt_path"] = str(path)
-
-    def before_fit(self) -> None:
-        cfg = self.config_init["fit"]
-        existing = sorted((self.run_dir / "checkpoints").glob("*.ckpt"))
-        if cfg.get("ckpt_path") is None and existing:
-            raise FileExistsError(
-                f"run folder {self.run_dir} already holds checkpoints ({', '.join(p.name for p in existing)}): "
-                "resume it with --ckpt_path last, or start a new run with --trainer.default_root_dir=NEW_FOLDER"
-            )
-        self._resolve_ckpt()
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        """A command that fails before writing a checkpoint takes back what it added to the run folder (config.yaml,
-        tensorboard/, ...): the folder itself when it did not exist before, never what was there."""
-        added = NewEntries(self.run_dir)
-        try:
-            super()._run_subcommand(subcommand)
-        except BaseException:
-            if self.trainer.is_global_zero:
-                added.remove()
-            raise
-
-    def after_fit(self) -> None:
-        sample = None
-        if hasattr(self.model, "sample"):
-            # Rank 0 generates alone: under FSDP2 all ranks first gather the weights together (a collective).
-            hold_gathered(self.model.model, True)
-            try:
-                sample = self.model.sample() if self.trainer.is_global_zero else None
-            finally:
-                hold_gathered(self.model.model, False)
-        if not self.trainer.is_global_zero:
-            return
-        metrics = self.trainer.callback_metrics
-        lines = [f"run folder: {self.run_dir}"]
-        if "val/loss" in metrics:
-            lines.append(f"validation loss: {float(metrics['val/loss']):.4f}")
-        best = self.trainer.checkpoint_callback.best_model_path
-        if best:
-            lines.append(f"best checkpoint: {best}")
-        if sample is not None:
-            lines.append(f"sample: {sample!r}")
-        print("\n".join(lines), flush=True)
-
-    def before_validate(self) -> None:
-        self._resolve_ckpt()
-
-    def before_test(self) -> None:
-        self._resolve_ckpt()
-
-    def before_predict(self) -> None:
-        self._resolve_ckpt()
-
-    def _write_metrics(self, stage: str, prefix: str) -> None:
-        if not self.trainer.is_global_zero:
-            return
-        values = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(prefix)}
-        cfg = self.config_init[self.subcommand]
-        out = {"ckpt_path": cfg.get("ckpt_path"), "metrics": values}
-        path = self.run_dir / f"{stage}_metrics.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"{stage} metrics written to {path}: {json.dumps(values)}", flush=True)
-
-    def after_validate(self) -> None:
-        self._write_metrics("validate", "val/")
-
-    def after_test(self) -> None:
-        self._write_metrics("test", "test/")
-
-    def predict(self, model, datamodule=None, ckpt_path=None, **kwargs) -> None:
-        """Writes ``predictions.jsonl`` (one row per input row, in input order) into the run folder."""
-        batches = self.trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs) or []
-        rows = [r for batch in batches for r in batch]
-        if self.trainer.world_size > 1:
-            import torch.distributed as dist
-
-            gathered = [None] * self.trainer.world_size
-            dist.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in part]
-        if not self.trainer.is_global_zero:
-            return
-        rows.sort(key=lambda r: r["row"])
-        path = self.run_dir / "predictions.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        print(f"{len(rows)} predictions written to {path}", flush=True)
-
-
 def _recipe_args(argv: list[str]) -> list[str]:
     """``--config NAME`` may name a bundled recipe instead of a file."""
     out = list(argv)
@@ -320,21 +138,32 @@ def export_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="finetune export",
         description="Write a run as a merged Hugging Face model folder (AutoModelFor<Task>.from_pretrained loads it) "
-        "or a PEFT adapter folder (PeftModel.from_pretrained loads it onto the base). Written beside DIR and renamed "
-        "at the end: a failure leaves nothing behind.",
+        "or a PEFT adapter folder (PeftModel.from_pretrained loads it onto the base), or a run or Hugging Face folder "
+        "as a GGUF file with an Ollama Modelfile (llama.cpp, Ollama). Written beside DIR and renamed at the end: a "
+        "failure leaves nothing behind.",
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (trainer.default_root_dir of a fit)")
     parser.add_argument("--ckpt", default="best", help="best (default), last, or a checkpoint path")
-    parser.add_argument("--format", required=True, choices=["merged", "adapter"])
+    parser.add_argument("--format", required=True, choices=["merged", "adapter", "gguf"])
     parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0", "q4_0"], default=None,
+                        help="gguf: the tensors' type (default f16); q8_0/q4_0 in blocks of 32")  # fmt: skip
     parser.add_argument("--dtype", choices=list(DTYPES), help="weights' dtype (default: the base checkpoint's)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty DIR")
     parser.add_argument("--max-shard-size", type=int, default=5 * 2**30, help="bytes per safetensors shard")
     args = parser.parse_args(argv)
     try:
-        out = export(args.run_dir, args.out, format=args.format, ckpt=args.ckpt, dtype=args.dtype,
-                     force=args.force, max_shard_size=args.max_shard_size)  # fmt: skip
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+        if args.outtype is not None and args.format != "gguf":
+            raise ValueError("--outtype: only with --format gguf (merged/adapter take --dtype)")
+        if args.format == "gguf":
+            from finetune.export_gguf import export_gguf
+
+            out = export_gguf(args.run_dir, args.out, outtype=args.outtype or "f16", ckpt=args.ckpt,
+                              overwrite=args.force)  # fmt: skip
+        else:
+            out = export(args.run_dir, args.out, format=args.format, ckpt=args.ckpt, dtype=args.dtype,
+                         force=args.force, max_shard_size=args.max_shard_size)  # fmt: skip
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, ImportError) as e:
         print(f"finetune export: error: {e}", file=sys.stderr)
         return 2
     print(f"exported ({args.format}): {out}")
@@ -344,19 +173,113 @@ def export_command(argv: list[str]) -> int:
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="a run folder (its best checkpoint) or a Hugging Face folder")
     parser.add_argument("--ckpt", default="best", help="of a run folder: best (default), last, or a checkpoint path")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    parser.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens (default 50)")
+    # Unset sampling flags come from the model's generation_config.json, else the defaults named here.
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's, else 128")
+    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's, else 0.8)")
+    parser.add_argument(
+        "--top-k", type=int, default=None, help="sample from the k likeliest (default: model's, else 50)"
+    )
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of mass p")
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same output (default 0)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
 
 
-def _sampling(args: argparse.Namespace):
+def _quantize_args(parser: argparse.ArgumentParser) -> None:
+    """``--quantize int8|int4 [--group-size N]``: weight-only quantization after loading (generate, chat, serve)."""
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="quantize the weights after loading: int8 per "
+                        "output channel, or int4 in groups (smaller, faster decoding on CPU)")  # fmt: skip
+    parser.add_argument("--group-size", type=int, default=None, help="int4: inputs per scale (32 default, 64, 128)")
+    parser.add_argument("--quantize-head", action="store_true", help="also quantize the output projection")
+
+
+def _quant_config(args: argparse.Namespace, bits: int | None = None):
+    """The ``QuantConfig`` of ``--quantize``/``--bits`` and ``--group-size`` (None without them)."""
+    if bits is None and args.quantize is None:
+        if args.group_size is not None:
+            raise ValueError("--group-size: only with --quantize int4")
+        return None
+    from finetune.quant import QuantConfig
+
+    bits = bits or int(args.quantize.removeprefix("int"))
+    if bits == 8 and args.group_size is not None:
+        raise ValueError("--group-size: int8 has one scale per output channel; give it with int4 only")
+    return QuantConfig(bits, args.group_size, head=args.quantize_head)
+
+
+def quantize_command(argv: list[str]) -> int:
+    from finetune import inference
+    from finetune.quant import save_quantized
+
+    parser = argparse.ArgumentParser(
+        prog="finetune quantize",
+        description="Write a model (a run folder or a Hugging Face folder) with weight-only int8 or int4 weights: a "
+        "folder that `finetune generate|chat` load quantized as saved. Written beside DIR and renamed at the end.",
+    )
+    parser.add_argument("model", metavar="MODEL", help="a run folder (its best checkpoint) or a Hugging Face folder")
+    parser.add_argument("--ckpt", default="best", help="of a run folder: best (default), last, or a checkpoint path")
+    parser.add_argument("--bits", type=int, choices=[8, 4], required=True)
+    parser.add_argument("--group-size", type=int, default=None, help="4 bits: inputs per scale (32 default, 64, 128)")
+    parser.add_argument("--quantize-head", action="store_true", help="also quantize the output projection")
+    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty DIR")
+    args = parser.parse_args(argv)
+    try:
+        config = _quant_config(args, bits=args.bits)
+        from finetune.folders import check_target
+
+        check_target(Path(args.out), overwrite=args.force, protect=[Path(args.model)])  # before the (long) load
+        loaded = inference.load(args.model, ckpt=args.ckpt, quantize=config)
+        extra = {"stop_ids": loaded.stop_ids, "chat_template": loaded.chat_template, "source": loaded.source}
+        out = save_quantized(loaded.model, args.out, tokenizer=loaded.tokenizer, extra=extra, overwrite=args.force,
+                             protect=[Path(args.model)])  # fmt: skip
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+        print(f"finetune quantize: error: {e}", file=sys.stderr)
+        return 2
+    print(f"quantized ({config.name}): {out}")
+    return 0
+
+
+def attention_command(argv: list[str]) -> int:
+    from finetune import inference
+    from finetune.attention_maps import write_maps
+
+    parser = argparse.ArgumentParser(
+        prog="finetune attention",
+        description="Attention maps of a from-scratch model on one prompt: DIR/layer_N.png (a heat map per head, "
+        "tokens on the axes) and DIR/attention.npz (the weights, (heads, tokens, tokens) per layer).",
+    )
+    parser.add_argument("model", metavar="MODEL", help="a run folder (its best checkpoint) or a Hugging Face folder")
+    parser.add_argument("--ckpt", default="best", help="of a run folder: best (default), last, or a checkpoint path")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                        metavar="I,J,...", help="layer numbers (default: all)")  # fmt: skip
+    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--force", action="store_true", help="replace an earlier DIR")
+    args = parser.parse_args(argv)
+    try:
+        from finetune.folders import check_target
+
+        check_target(Path(args.out), overwrite=args.force, protect=[Path(args.model)])
+        loaded = inference.load(args.model, ckpt=args.ckpt)
+        out = write_maps(loaded, args.prompt, args.out, layers=args.layers, overwrite=args.force)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"finetune attention: error: {e}", file=sys.stderr)
+        return 2
+    print(f"attention maps: {out}")
+    return 0
+
+
+def _sampling(args: argparse.Namespace, loaded):
+    """The flags given, else the model's generation_config.json, else ``Sampling``'s defaults."""
+    from dataclasses import replace
+
     from finetune.inference import Sampling
 
-    top_k = args.top_k if args.top_k and args.top_k > 0 else None
-    return Sampling(args.max_new_tokens, args.temperature, top_k, args.top_p, args.seed)
+    flags = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+             "top_p": args.top_p}  # fmt: skip
+    sampling = replace(Sampling(seed=args.seed), **loaded.generation)
+    sampling = replace(sampling, **{k: v for k, v in flags.items() if v is not None})
+    return replace(sampling, top_k=sampling.top_k if sampling.top_k and sampling.top_k > 0 else None)
 
 
 def _device(args: argparse.Namespace) -> str:
@@ -386,6 +309,7 @@ def generate_command(argv: list[str]) -> int:
         'printed to stdout, or a JSONL file of {"prompt": ...} rows written as JSONL with an "output" per row.',
     )
     _sampling_args(parser)
+    _quantize_args(parser)
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the text to continue")
     src.add_argument("--prompts", metavar="FILE.jsonl", help='one {"prompt": ...} per line')
@@ -400,11 +324,11 @@ def generate_command(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        sampling = _sampling(args)
         if args.out:
             _check_out_file(Path(args.out), Path(args.prompts) if args.prompts else None, force=args.force)
         rows = inference.read_prompts(Path(args.prompts)) if args.prompts else [{"prompt": args.prompt}]
-        loaded = inference.load(args.model, ckpt=args.ckpt, device=_device(args))
+        loaded = inference.load(args.model, ckpt=args.ckpt, device=_device(args), quantize=_quant_config(args))
+        sampling = _sampling(args, loaded)
         draft = None
         if args.draft:
             draft = inference.load(args.draft, device=_device(args), what="--draft")
@@ -456,12 +380,13 @@ def chat_command(argv: list[str], stdin=None) -> int:
         "leave.",
     )
     _sampling_args(parser)
+    _quantize_args(parser)
     parser.add_argument("--system", help="a system message opening the conversation")
     args = parser.parse_args(argv)
     stdin = stdin or sys.stdin
     try:
-        loaded = inference.load(args.model, ckpt=args.ckpt, device=_device(args))
-        chat = inference.Chat(loaded, _sampling(args), system=args.system)
+        loaded = inference.load(args.model, ckpt=args.ckpt, device=_device(args), quantize=_quant_config(args))
+        chat = inference.Chat(loaded, _sampling(args, loaded), system=args.system)
     except (FileNotFoundError, ValueError) as e:
         print(f"finetune chat: error: {e}", file=sys.stderr)
         return 2
@@ -524,6 +449,8 @@ commands:
                       list the bundled recipes, or copy one out to edit
   export RUN_DIR --format merged|adapter --out DIR [--ckpt best|last|PATH] [--dtype bf16|fp32] [--force]
                       a run as a merged Hugging Face model folder, or as a PEFT adapter folder
+  export MODEL --format gguf --outtype f32|f16|bf16|q8_0|q4_0 --out DIR
+                      a run or HF folder (LLaMA/Mistral, GPT-2) as DIR/model.gguf + an Ollama Modelfile
   tokenizer train --files F [F ...] --vocab-size N --out DIR
                       train a byte-level BPE tokenizer (ours; transformers and tokenizers load it)
   generate MODEL --prompt TEXT | --prompts FILE.jsonl [--max-new-tokens --temperature --top-k --top-p --seed
@@ -531,6 +458,11 @@ commands:
                       continue prompts with a run folder or a Hugging Face folder
   chat MODEL [--system TEXT]
                       talk to a model through its chat template, the conversation kept in the KV cache
+                      (generate and chat: --quantize int8|int4 [--group-size N] quantizes the weights after loading)
+  quantize MODEL --bits 8|4 [--group-size N] --out DIR
+                      a folder of weight-only int8/int4 weights that generate/chat load as saved
+  attention MODEL --prompt TEXT [--layers I,J] --out DIR
+                      attention maps: a PNG heat map per layer (a panel per head) and the weights as .npz
   demo                convert a small random HF LLaMA, check parity with transformers, generate
 """
 
@@ -544,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         return recipes_command(argv[1:])
     if argv and argv[0] == "export":
         return export_command(argv[1:])
-    commands = {"generate": generate_command, "chat": chat_command, "tokenizer": tokenizer_cli}
+    commands = {"generate": generate_command, "chat": chat_command, "tokenizer": tokenizer_cli,
+                "quantize": quantize_command, "attention": attention_command}  # fmt: skip
     if argv[0] in commands:
         return commands[argv[0]](argv[1:])
     if argv and argv[0] == "demo":
@@ -560,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"finetune: error: {e}", file=sys.stderr)
         return 2
+    from finetune.lightning_cli import FinetuneCLI
+
     saved, sys.argv = sys.argv, [sys.argv[0], *argv]  # jsonargparse reads the command line from sys.argv
     try:
         FinetuneCLI()

@@ -22,11 +22,18 @@ from finetune.data.templates import end_of_turn_id, tokenizer_chat_template
 from finetune.folders import check_target
 from finetune.models.base import Backbone
 from finetune.models.hub import _family_of_model, _is_tied, atomic_folder, hf_config, resolve, write_weights
+from finetune.sharded import read_sharded_checkpoint
 from finetune.tasks import Task, plain_hparams, task_class
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SHARD_SIZE = 5 * 2**30  # as save_pretrained
-PEFT_TASK_TYPES = {"CausalLM": "CAUSAL_LM", "Seq2Seq": "SEQ_2_SEQ_LM", "Classification": "SEQ_CLS"}
+GENERATING = ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM")  # the HF classes of tasks that write text
+PEFT_TASK_TYPES = {
+    "CausalLM": "CAUSAL_LM",
+    "Preference": "CAUSAL_LM",
+    "Seq2Seq": "SEQ_2_SEQ_LM",
+    "Classification": "SEQ_CLS",
+}
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -91,11 +98,11 @@ def load_run(run_dir: str | Path, ckpt: str = "best") -> Run:
         raise FileNotFoundError(f"{run}: not a run folder (no config.yaml); give the trainer.default_root_dir of a fit")
     cls = task_class(_model_class_path(config_file), where=str(config_file))  # a registered task, or refused
     path = checkpoint_path(run, ckpt)
-    if path.is_dir():
-        raise ValueError(f"{path}: a distributed (sharded) checkpoint; consolidate it into one file first "
-                         "(torch.distributed.checkpoint.format_utils.dcp_to_torch_save)")  # fmt: skip
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if path.is_dir():  # FSDP2's distributed checkpoint: consolidated through DCP
+            checkpoint = read_sharded_checkpoint(path)
+        else:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise ValueError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
     hparams = dict(checkpoint.get("hyper_parameters") or {})
@@ -363,7 +370,7 @@ def _config(task: Task, model: nn.Module):
 
 
 def _generation_config(task: Task, config, folder: Path) -> None:
-    if task.objective not in ("causal_lm", "seq2seq"):
+    if task.auto_class not in GENERATING:
         return
     from transformers import GenerationConfig
 

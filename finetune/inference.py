@@ -31,16 +31,20 @@ class Loaded:
     source: str
     stop_ids: list[int] = field(default_factory=list)
     chat_template: str | None = None  # the run's data.chat_template, which wins over the tokenizer's
+    generation: dict = field(default_factory=dict)  # sampling settings of the model's generation_config.json
 
     def encode(self, text: str) -> list[int]:
         return prompt_ids(self.tokenizer, text)
 
 
-def load(path: str | Path, *, ckpt: str = "best", device: str = "cpu", what: str = "MODEL") -> Loaded:
-    """A run folder (``config.yaml``: its ``ckpt``, adapter merged) or a Hugging Face folder (``config.json``)."""
+def load(path: str | Path, *, ckpt: str = "best", device: str = "cpu", what: str = "MODEL", quantize=None) -> Loaded:
+    """A run folder (``config.yaml``: its ``ckpt``, adapter merged), a quantized folder (``finetune quantize``) or a
+    Hugging Face folder (``config.json``); ``quantize`` (a ``finetune.quant.QuantConfig``) quantizes it after."""
     folder = Path(path)
     if (folder / "config.yaml").is_file():
         loaded = _load_run(folder, ckpt)
+    elif (folder / "quantization.json").is_file():
+        loaded = _load_quantized(folder)
     elif (folder / "config.json").is_file():
         loaded = _load_hf(folder)
     elif folder.exists():
@@ -49,7 +53,22 @@ def load(path: str | Path, *, ckpt: str = "best", device: str = "cpu", what: str
     else:
         raise FileNotFoundError(f"{what} {folder}: no such folder")
     loaded.model.to(device)
+    if quantize is not None:
+        from finetune.quant import quantize_model
+
+        quantize_model(loaded.model, quantize)
     return loaded
+
+
+def _load_quantized(folder: Path) -> Loaded:
+    from transformers import AutoTokenizer
+
+    from finetune.quant import load_quantized
+
+    model, info = load_quantized(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return Loaded(model, tokenizer, str(folder), info.get("stop_ids") or _eos_ids(model, tokenizer),
+                  info.get("chat_template"))  # fmt: skip
 
 
 def _load_hf(folder: Path) -> Loaded:
@@ -65,18 +84,19 @@ def _load_hf(folder: Path) -> Loaded:
     model = from_hf(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     stops = _eos_ids(model, tokenizer, folder / "generation_config.json")
-    return Loaded(model, tokenizer, str(folder), with_end_of_turn(stops, tokenizer, tokenizer_chat_template(tokenizer)))
+    stops = with_end_of_turn(stops, tokenizer, tokenizer_chat_template(tokenizer))
+    return Loaded(model, tokenizer, str(folder), stops, generation=generation_defaults(folder))
 
 
 def _load_run(folder: Path, ckpt: str) -> Loaded:
     import yaml
 
-    from finetune.export import load_run, merged_state
+    from finetune.export import GENERATING, load_run, merged_state
     from finetune.models.hub import from_state
 
     run = load_run(folder, ckpt)
     task = run.task
-    if task.objective not in ("causal_lm", "seq2seq"):
+    if task.auto_class not in GENERATING:
         raise ValueError(f"{folder}: a {type(task).__name__} run does not generate text; give a causal LM or "
                          "seq2seq run")  # fmt: skip
     if not (folder / "tokenizer").is_dir():
@@ -86,7 +106,9 @@ def _load_run(folder: Path, ckpt: str) -> Loaded:
     data = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("data") or {}
     tok = task.tokenizer  # the run's tokenizer/: a chat run saved its template there (RunFolder)
     template = data.get("chat_template") or tokenizer_chat_template(tok)
-    return Loaded(model, tok, str(folder), with_end_of_turn(_eos_ids(model, tok), tok, template), template)
+    base = Path(task.hparams.pretrained).expanduser() if task.hparams.pretrained else None  # a local base folder
+    generation = generation_defaults(base) if base is not None and base.is_dir() else {}
+    return Loaded(model, tok, str(folder), with_end_of_turn(_eos_ids(model, tok), tok, template), template, generation)
 
 
 def _eos_ids(model: Backbone, tokenizer, generation_config: Path | None = None) -> list[int]:
@@ -97,6 +119,37 @@ def _eos_ids(model: Backbone, tokenizer, generation_config: Path | None = None) 
     ids += [getattr(model.config, "eos_token_id", None), tokenizer.eos_token_id]
     flat = [i for x in ids for i in (x if isinstance(x, list) else [x])]
     return list(dict.fromkeys(i for i in flat if i is not None))
+
+
+def generation_defaults(folder: Path) -> dict:
+    """The sampling settings a model ships in ``folder/generation_config.json``, as ``Sampling`` fields, read as
+    ``transformers`` reads them: ``do_sample: false`` is greedy (temperature 0); ``do_sample: true`` samples with
+    its temperature, top_k and top_p (transformers' defaults 1.0, 50, 1.0 where unset; top_k 0 and top_p 1.0 mean
+    off); ``max_new_tokens`` when set. A file without ``do_sample`` (GPT-2's only names its special tokens) gives
+    just the values it sets. No file: {}."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    out = {}
+    if config.get("do_sample") is False:
+        out["temperature"] = 0.0
+    else:
+        sampling = {"temperature": 1.0, "top_k": 50, "top_p": 1.0} if config.get("do_sample") else {}
+        sampling.update({k: config[k] for k in ("temperature", "top_k", "top_p") if config.get(k) is not None})
+        if "top_k" in sampling:
+            sampling["top_k"] = sampling["top_k"] if sampling["top_k"] > 0 else None
+        if "top_p" in sampling:
+            sampling["top_p"] = sampling["top_p"] if sampling["top_p"] < 1.0 else None
+        out.update(sampling)
+    if config.get("max_new_tokens") is not None:
+        out["max_new_tokens"] = config["max_new_tokens"]
+    return out
 
 
 # ------------------------------------------------------------------------------------------ text out
@@ -156,6 +209,9 @@ def write_now(text: str) -> None:
 # ------------------------------------------------------------------------------------------ generate
 @dataclass
 class Sampling:
+    """How to sample; ``finetune generate`` and ``chat`` take each field from its flag, else the model's
+    generation_config.json (``generation_defaults``), else these defaults."""
+
     max_new_tokens: int = 128
     temperature: float = 0.8
     top_k: int | None = 50

@@ -5,7 +5,7 @@
         --kv-heads 8 --vocab 128256 --batch 4 --seq 2048 --dtypes bf16 --modes lora-all full   # ~1.2B, on a GPU
     options: --hidden 256 --intermediate 688 --layers 4 --heads 8 --kv-heads 4 --vocab 8000 --batch 8 --seq 256
              --warmup 5 --steps 20 --modes lora-qv lora-all full --dtypes fp32 bf16 --contenders a b c d
-             --threads (all cores) --compile --json FILE
+             --threads (all cores) --rounds 1 --compile --json FILE
 
 Each setting (mode, dtype) starts one fresh process per contender; they take turns step by step (a, b, c, d, a, ...),
 so a slow spell of a shared machine hits all of them alike:
@@ -16,6 +16,10 @@ so a slow spell of a shared machine hits all of them alike:
 All start from one random HF checkpoint (`save_pretrained`), train the same parameters (peft LoRA on the same
 modules with the same preset values, or everything) with fused AdamW, on the same random full-length batches.
 "bf16" is bf16-true: every weight (adapters too) in bf16, as Lightning's `bf16-true` converts the model.
+
+With --rounds R every setting runs R times, the rounds interleaved over the settings (round 1 of every setting,
+then round 2, ...); the table gives each ratio's median over the rounds with its range (min-max), so one slow
+spell cannot make a ratio.
 
 Measured: tokens/s from the median step time of `--steps` steps after `--warmup` steps (a step is one whole loop
 iteration: forward, backward, optimizer, the Trainer's bookkeeping); peak memory of one further step. On a GPU that
@@ -349,51 +353,69 @@ def main() -> None:
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--compile", action="store_true", help="torch.compile every contender's model")
+    p.add_argument("--rounds", type=int, default=1, help="run every setting this many times, interleaved")
     p.add_argument("--json", help="also write the raw results here")
     a = p.parse_args()
 
     results = []
     with tempfile.TemporaryDirectory() as folder:
         make_checkpoint(a, Path(folder))
-        for dtype in a.dtypes:
-            for mode in a.modes:
-                setting = argparse.Namespace(**{**vars(a), "mode": mode, "dtype": dtype, "folder": folder})
-                for c, r in run_setting(setting).items():
-                    r |= {"contender": c, "mode": mode, "dtype": dtype}
-                    r["tokens_per_s"] = a.batch * a.seq / statistics.median(r["step_s"])
-                    r["mfu"] = mfu(a, r, r["tokens_per_s"], lora=mode != "full")
-                    results.append(r)
-                    speed = f"{r['tokens_per_s']:.0f} tokens/s, peak {r['peak'] / 2**20:.0f} MiB"
-                    print(f"  ({c}) {mode} {dtype}: {speed}", file=sys.stderr)
+        for round_ in range(a.rounds):
+            for dtype in a.dtypes:
+                for mode in a.modes:
+                    setting = argparse.Namespace(**{**vars(a), "mode": mode, "dtype": dtype, "folder": folder})
+                    for c, r in run_setting(setting).items():
+                        r |= {"contender": c, "mode": mode, "dtype": dtype, "round": round_}
+                        r["tokens_per_s"] = a.batch * a.seq / statistics.median(r["step_s"])
+                        r["mfu"] = mfu(a, r, r["tokens_per_s"], lora=mode != "full")
+                        results.append(r)
+                        speed = f"{r['tokens_per_s']:.0f} tokens/s, peak {r['peak'] / 2**20:.0f} MiB"
+                        print(f"  round {round_ + 1}: ({c}) {mode} {dtype}: {speed}", file=sys.stderr)
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1) + "\n")
 
     print(table(a, results))
 
 
+def _spread(values: list[float], fmt: str, unit: str = "") -> str:
+    """The median, with the range over rounds when there are several."""
+    mid = format(statistics.median(values), fmt) + unit
+    return mid if len(values) == 1 else f"{mid} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+
+
 def table(a, results: list[dict]) -> str:
-    """The markdown table, each row's speed and memory as ratios to (c) in the same setting."""
+    """The markdown table: per setting and contender the median over rounds of tokens/s and peak memory, and of
+    their ratios to (c) in the same round, with the ratios' range over the rounds."""
 
     gpu = a.device == "cuda"
     device = torch.cuda.get_device_name() if gpu else f"CPU, {a.threads} threads"
+    rounds = f"; {a.rounds} interleaved rounds, median (min-max)" if a.rounds > 1 else ""
     lines = [
         f"LLaMA hidden {a.hidden}, intermediate {a.intermediate}, {a.layers} layers, {a.heads} heads / {a.kv_heads} "
         f"KV, vocab {a.vocab}; batch {a.batch} x {a.seq} tokens; {device}; torch {torch.__version__}, transformers "
-        f"{transformers.__version__}; median of {a.steps} steps after {a.warmup}{', compiled' if a.compile else ''}",
+        f"{transformers.__version__}; median of {a.steps} steps after {a.warmup}{', compiled' if a.compile else ''}"
+        f"{rounds}",
         "",
         "| dtype | training | contender | tokens/s | vs (c) | peak MiB | vs (c) |" + (" MFU |" if gpu else ""),
         "|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
     ]
-    ref = {(r["mode"], r["dtype"]): r for r in results if r["contender"] == "c"}
+    ref = {(r["mode"], r["dtype"], r["round"]): r for r in results if r["contender"] == "c"}
+    groups: dict[tuple, list[dict]] = {}
     for r in results:
-        c = ref.get((r["mode"], r["dtype"]))
-        speed = f"{r['tokens_per_s'] / c['tokens_per_s']:.2f}x" if c else "-"
-        memory = f"{r['peak'] / c['peak']:.2f}x" if c else "-"
-        name = f"({r['contender']}) {CONTENDERS[r['contender']]}"
-        row = f"| {r['dtype']} | {r['mode']} | {name} | {r['tokens_per_s']:.0f} | {speed} "
-        row += f"| {r['peak'] / 2**20:.0f} | {memory} |"
+        groups.setdefault((r["dtype"], r["mode"], r["contender"]), []).append(r)
+    for (dtype, mode, contender), rs in groups.items():
+        refs = [ref.get((mode, dtype, r["round"])) for r in rs]
+        have = all(refs)
+        pairs = list(zip(rs, refs, strict=True))
+        speed = _spread([r["tokens_per_s"] / c["tokens_per_s"] for r, c in pairs], ".2f", "x") if have else "-"
+        memory = _spread([r["peak"] / c["peak"] for r, c in pairs], ".2f", "x") if have else "-"
+        tokens = statistics.median(r["tokens_per_s"] for r in rs)
+        peak = statistics.median(r["peak"] for r in rs)
+        name = f"({contender}) {CONTENDERS[contender]}"
+        row = f"| {dtype} | {mode} | {name} | {tokens:.0f} | {speed} | {peak / 2**20:.0f} | {memory} |"
         if gpu:
-            row += f" {r['mfu']:.1%} |" if r["mfu"] is not None else " - |"
+            m = [r["mfu"] for r in rs if r["mfu"] is not None]
+            row += f" {statistics.median(m):.1%} |" if m else " - |"
         lines.append(row)
     return "\n".join(lines)
 

@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -801,6 +802,22 @@ def chat_row(rng: random.Random) -> dict:
     return {"messages": [{"role": r, "content": c} for r, c in msgs]}
 
 
+def preference_row(rng: random.Random) -> dict:
+    """A story's opening as the prompt; its next sentence as the chosen answer, and as the rejected one the same
+    sentence spoiled (its words shuffled, or one word repeated): the preferred answer is clearly the better one."""
+    sentences = re.findall(r"[^.!?]+[.!?]", story(rng))
+    k = rng.randint(1, min(3, len(sentences) - 1))
+    prompt, answer = "".join(sentences[:k]).strip(), sentences[k]
+    words = answer.split()
+    if rng.random() < 0.7 and len(set(words)) > 2:
+        spoiled = words[:]
+        while spoiled == words:
+            rng.shuffle(spoiled)
+    else:
+        spoiled = [rng.choice(words)] * len(words)
+    return {"prompt": prompt, "chosen": " " + " ".join(words), "rejected": " " + " ".join(spoiled)}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------------------
@@ -845,6 +862,15 @@ def train_tokenizer(lines: list[str], out: Path, check: list[str]) -> None:
         assert tok.encode(line) == ids and loaded.decode(ids) == line, line
 
 
+def write_preference(out: Path, seed: int) -> None:
+    """preference_sample.jsonl (400 pairs) and its validation file (80 pairs, no prompt shared with train)."""
+    train = unique(preference_row, random.Random(seed + 7), 400, key=lambda r: r["prompt"])
+    held_out = unique(preference_row, random.Random(seed + 8), 80, exclude={r["prompt"] for r in train},
+                      key=lambda r: r["prompt"])  # fmt: skip
+    write_jsonl(out / "preference_sample.jsonl", train)
+    write_jsonl(out / "preference_sample_validation.jsonl", held_out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "recipes" / "data")
@@ -869,6 +895,7 @@ def main() -> None:
     write_csv(out / "classification_sample_validation.csv", cls_val)
     write_jsonl(out / "seq2seq_sample.jsonl", seq2seq)
     write_jsonl(out / "chat_sample.jsonl", chat)
+    write_preference(out, seed)
 
     samples = (
         [r[k] for r in alpaca for k in r]

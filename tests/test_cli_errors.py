@@ -52,6 +52,7 @@ def test_a_refused_recipe_value_is_one_message(tmp_path, tokenizer_folder, capsy
     err = cli_error(capsys, "fit", "--config", config, "--model.init_args.metrics=[bogus]")
     assert "finetune fit: error: model.metrics: unknown ['bogus'] for CausalLM; known: ['loss'," in err
     assert "NoneType" not in err
+    assert "Namespace(" not in err and err.count("\n") == 2  # the message and the --debug hint, no value dump
 
 
 def test_missing_data_file_is_named(tmp_path, tokenizer_folder, capsys, monkeypatch):

@@ -236,3 +236,69 @@ def test_out_is_never_the_prompts_file_and_an_existing_out_needs_force(model_dir
     assert out.read_text() == "mine\n"
     assert run_generate(capsys, *args, "--out", str(out), "--force")[0] == 0
     assert json.loads(out.read_text())["prompt"] == "the cat" and "output" in json.loads(out.read_text())
+
+
+# ----------------------------------------------------------------------------------- generation_config.json
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        ({"do_sample": True, "temperature": 0.6, "top_p": 0.9}, {"temperature": 0.6, "top_k": 50, "top_p": 0.9}),
+        ({"do_sample": True, "top_k": 0, "top_p": 1.0}, {"temperature": 1.0, "top_k": None, "top_p": None}),
+        ({"do_sample": False, "temperature": 0.7, "max_new_tokens": 9}, {"temperature": 0.0, "max_new_tokens": 9}),
+        ({"bos_token_id": 0, "eos_token_id": 0}, {}),  # GPT-2's: special tokens only
+        ({"temperature": 0.5}, {"temperature": 0.5}),
+    ],
+)
+def test_generation_defaults_read_generation_config_as_transformers_does(tmp_path, config, expected):
+    (tmp_path / "generation_config.json").write_text(json.dumps(config))
+    assert inference.generation_defaults(tmp_path) == expected
+    assert inference.generation_defaults(tmp_path / "none") == {}
+
+
+def test_a_broken_generation_config_is_named(tmp_path):
+    (tmp_path / "generation_config.json").write_text("{do_sample: true")
+    with pytest.raises(ValueError, match=r"generation_config.json: not valid JSON"):
+        inference.generation_defaults(tmp_path)
+
+
+def with_generation_config(model_dir, tmp_path, config: dict):
+    import shutil
+
+    folder = shutil.copytree(model_dir, tmp_path / "model")
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_generate_defaults_to_the_models_generation_config(model_dir, tmp_path, capsys):
+    folder = with_generation_config(model_dir, tmp_path, {"do_sample": False, "max_new_tokens": 7, "eos_token_id": 0})
+    prompt = "the cat sat on the"
+    code, out, _ = run_generate(capsys, str(folder), "--prompt", prompt)  # no sampling flags
+    tok = T.AutoTokenizer.from_pretrained(folder)
+    hf = T.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = tok(prompt, return_tensors="pt").input_ids
+    ref = hf.generate(ids, pad_token_id=1)  # transformers reads the same generation_config.json: greedy, 7 tokens
+    assert ref.size(1) - ids.size(1) == 7
+    assert code == 0 and out == prompt + tok.decode(ref[0, ids.size(1) :], skip_special_tokens=True) + "\n"
+    code, short, _ = run_generate(capsys, str(folder), "--prompt", prompt, "--max-new-tokens", "2")  # a flag wins
+    assert (
+        code == 0
+        and short == prompt + tok.decode(ref[0, ids.size(1) : ids.size(1) + 2], skip_special_tokens=True) + "\n"
+    )
+
+
+def test_generate_samples_with_the_models_settings(model_dir, tmp_path, capsys):
+    folder = with_generation_config(model_dir, tmp_path, {"do_sample": True, "temperature": 1.3, "top_k": 7})
+    args = ["--prompt", "once upon a time", "--max-new-tokens", "16", "--seed", "2"]
+    from_file = run_generate(capsys, str(folder), *args)
+    from_flags = run_generate(capsys, str(model_dir), *args, "--temperature", "1.3", "--top-k", "7")
+    assert from_file[0] == 0 and from_file[1] == from_flags[1]
+    assert run_generate(capsys, str(model_dir), *args)[1] != from_file[1]  # today's defaults: 0.8, top-k 50
+
+
+def test_a_run_takes_the_generation_config_of_its_base_folder(tmp_path, stand_in):
+    import shutil
+
+    base = shutil.copytree(stand_in("llama"), tmp_path / "base")
+    (base / "generation_config.json").write_text(json.dumps({"do_sample": False, "max_new_tokens": 5}))
+    run = train(tmp_path, lambda arch: base, "llama", None, steps=1)
+    assert inference.load(run, ckpt="last").generation == {"temperature": 0.0, "max_new_tokens": 5}

@@ -23,6 +23,9 @@ ROWS = {
         {"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"hello {i}"}]}
         for i in range(12)
     ],
+    "preference": [
+        {"prompt": f"the fox {i}", "chosen": " sat on the mat.", "rejected": " mat the on sat."} for i in range(12)
+    ],  # fmt: skip
 }
 # model class -> stand-in architecture for a recipe's pretrained model
 ARCH = {"gpt2": "gpt2", "llama": "llama", "bert": "bert", "t5": "t5"}

@@ -73,3 +73,17 @@ class Collator:
             num_tokens += sum(len(item["labels"]) for item in items)
         batch["num_tokens"] = num_tokens
         return batch
+
+
+class PairCollator(Collator):
+    """Preference pairs -> one batch of 2B rows, the B chosen sequences then the B rejected ones (one forward for
+    both), right-padded; precomputed reference log-probs, when the data has them, as (B,) float tensors."""
+
+    def __call__(self, items: list[dict]) -> dict:
+        rows = [{"input_ids": it[f"{side}_input_ids"], "labels": it[f"{side}_labels"]}
+                for side in ("chosen", "rejected") for it in items]  # fmt: skip
+        batch = super().__call__(rows)
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in items[0]:
+                batch[key] = torch.tensor([it[key] for it in items], dtype=torch.float64)  # (B,)
+        return batch

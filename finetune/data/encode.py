@@ -10,6 +10,7 @@ import math
 
 import datasets
 
+from finetune.data import preference
 from finetune.data.sources import Source, where
 from finetune.data.templates import ROLES, TemplateError, chat_ids_and_labels, render
 
@@ -20,6 +21,7 @@ FIELDS = {
     "chat": {"messages": True},
     "classification": {"text": True, "text_pair": False, "label": True},
     "seq2seq": {"source": True, "target": True},
+    "preference": preference.FIELDS,
 }
 TARGET_FIELDS = {"output", "label", "target"}
 # objective -> formats it can train on
@@ -28,6 +30,7 @@ OBJECTIVE_FORMATS = {
     "seq2seq": ("seq2seq", "instruction"),
     "classification": ("classification",),
     "masked_lm": ("text",),
+    "preference": ("preference",),
 }
 
 IDS = datasets.List(datasets.Value("int32"))
@@ -155,6 +158,9 @@ class Encoder:
     # ---------------------------------------------------------------------------------------------- output schema
     def features(self) -> datasets.Features:
         """The columns this encoder writes, with fixed types so that files concatenate."""
+        if self.objective == "preference":
+            return datasets.Features({**preference.features(self.columns), "length": INT, "truncated": BOOL,
+                                      "no_loss": BOOL})  # fmt: skip
         f = {"input_ids": IDS}
         if self.objective == "classification" and "token_type_ids" in self.tokenizer.model_input_names:
             f["token_type_ids"] = IDS
@@ -170,7 +176,9 @@ class Encoder:
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         rows = [{k: v[n] for k, v in batch.items()} for n in range(len(indices))]
-        if self.fmt == "chat":
+        if self.fmt == "preference":
+            encoded = [preference.encode_pair(self, values, row) for values, row in zip(rows, indices, strict=True)]
+        elif self.fmt == "chat":
             encoded = [self._chat(values, row) for values, row in zip(rows, indices, strict=True)]
         else:
             encoded = self._encode(rows, indices)
@@ -331,12 +339,12 @@ class Encoder:
             raise ValueError(f"{self._where(row)}: the chat template failed: {type(e).__name__}: {e}") from e
         return self._causal(ids, labels)
 
-    def _messages(self, values: dict, row: int) -> list[dict]:
-        column = self.columns["messages"]
+    def _messages(self, values: dict, row: int, field: str = "messages") -> list[dict]:
+        column = self.columns[field]
         messages = values[column]
         if not isinstance(messages, list) or not messages:
             raise ValueError(
-                f"{self._where(row)}: column {column!r} (messages field) must hold a non-empty list of "
+                f"{self._where(row)}: column {column!r} ({field} field) must hold a non-empty list of "
                 f"{{'role', 'content'}} messages; found {type(messages).__name__} {messages!r:.80}"
             )
         clean = []

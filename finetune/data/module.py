@@ -12,11 +12,22 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from finetune.bundled import resolve_path
-from finetune.data.collate import Collator, pad_id
+from finetune.data import preference
+from finetune.data.collate import Collator, PairCollator, pad_id
 from finetune.data.encode import FIELDS, OBJECTIVE_FORMATS, Encoder, collect_labels, resolve_columns
 from finetune.data.packing import PackedDataset
 from finetune.data.sampling import EvalSampler, ResumableDataLoader, TrainSampler
-from finetune.data.sources import SPLIT_WORDS, SPLITS, Source, discover, load_file, load_hub, looks_local
+from finetune.data.sources import (
+    SPLIT_WORDS,
+    SPLITS,
+    TEXT_KINDS,
+    TEXT_SAMPLING,
+    Source,
+    discover,
+    load_file,
+    load_hub,
+    looks_local,
+)
 from finetune.data.templates import ALPACA, ALPACA_NO_INPUT, CHATML, check_prompt_template, tokenizer_chat_template
 
 STAGE_SPLITS = {
@@ -26,7 +37,7 @@ STAGE_SPLITS = {
     "predict": ("predict",),
     None: SPLITS,
 }
-MODEL_COLUMNS = ("input_ids", "labels", "token_type_ids", "special_tokens_mask")
+MODEL_COLUMNS = ("input_ids", "labels", "token_type_ids", "special_tokens_mask", *preference.COLUMNS)
 
 
 @dataclass
@@ -78,26 +89,34 @@ class DataModule(L.LightningDataModule):
     Trainer with ``use_distributed_sampler=False``).
 
     Args:
-        format: How rows are laid out: text, instruction, chat, classification or seq2seq.
+        format: How rows are laid out: text, instruction, chat, classification, seq2seq or preference.
         path: A data file, a folder or a Hugging Face hub dataset name. A folder's files (subfolders too) go to the
             split whose word their name or folder holds as a whole word (train/training, validation/valid/val/dev,
             test/testing/eval/evaluation: ``train-0.jsonl``, ``dev.csv``, ``valid/a.jsonl``; not ``devices.csv``);
             when no name holds one, all are train; else files without one are left out, with a warning.
-        train_files: Train file(s), instead of `path`. Types: .jsonl, .json, .csv, .parquet, .txt (a row per line).
+        train_files: Train file(s), instead of `path`. Types: .jsonl, .json, .csv, .parquet, .txt (see sample_by).
         validation_files: Validation file(s).
         test_files: Test file(s).
         predict_files: File(s) to predict on; with `path` and no predict files, its test split.
         validation_fraction: Carve this fraction of the train rows out as the validation split (seeded), when there
             are no validation files.
         seed: Seed of the train order (seed + epoch) and of the validation carve.
+        sample_by: How a .txt file is cut into rows (samples), as `datasets`' text builder offers: line, paragraph
+            (blocks of lines separated by blank lines, their line breaks kept), document (the whole file), or auto:
+            paragraph for a file in which blank lines separate the text (multi-line documents: books, articles),
+            else line. Packing then packs whole paragraphs or documents, each attending only to itself.
         fields: Logical field -> column name, for columns named otherwise. Fields: text {text}; instruction
             {instruction, input (optional), output}; chat {messages}; classification {text, text_pair (optional),
-            label}; seq2seq {source, target}.
+            label}; seq2seq {source, target}; preference {prompt, chosen, rejected (strings, or message lists
+            whose implicit prompt is their common prefix), ref_chosen_logps, ref_rejected_logps (optional)}.
         max_length: Longest sequence in tokens; longer rows are truncated (counted and reported) or, with packing,
             split.
         max_target_length: Longest seq2seq target in tokens (default: max_length).
         packing: Pack causal-LM samples back to back into rows of max_length tokens (each attends only to itself),
             so no compute goes to padding. Default: on for plain text (pretraining), off otherwise.
+        group_by_length: Train batches of rows of similar length, so that less compute goes to padding: shuffled
+            megabatches of 50 batches sorted by length, as `transformers`' ``group_by_length`` (seeded, sharded and
+            resumable as the plain shuffle). Default: on where rows are padded (packing off), off with packing.
         train_on_prompt: Instruction and chat data: compute the loss on the prompt too, not only on the response.
         chat_template: A Jinja chat template replacing the tokenizer's (default: the tokenizer's, else ChatML).
         prompt_template: Instruction prompt for rows with an input, with {instruction} and {input} (default:
@@ -111,7 +130,8 @@ class DataModule(L.LightningDataModule):
         pad_to_multiple_of: Pad the sequence length of each batch up to a multiple of this.
         cache_dir: Folder of the `datasets` cache (default: the `datasets` default, ~/.cache/huggingface/datasets).
         tokenizer: A tokenizer, or the path or hub name of one; set by the task from its model.
-        objective: What the task trains: causal_lm, seq2seq, classification or masked_lm; set by the task.
+        objective: What the task trains: causal_lm, seq2seq, classification, masked_lm or preference; set by the
+            task.
 
     Attributes:
         label_names: Classification label names in class-id order (after ``setup``).
@@ -122,7 +142,7 @@ class DataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        format: Literal["text", "instruction", "chat", "classification", "seq2seq"] = "text",
+        format: Literal["text", "instruction", "chat", "classification", "seq2seq", "preference"] = "text",
         path: str | None = None,
         train_files: str | list[str] | None = None,
         validation_files: str | list[str] | None = None,
@@ -130,10 +150,12 @@ class DataModule(L.LightningDataModule):
         predict_files: str | list[str] | None = None,
         validation_fraction: float | None = None,
         seed: int = 0,
+        sample_by: Literal["auto", "line", "paragraph", "document"] = "auto",
         fields: dict[str, str] | None = None,
         max_length: int = 1024,
         max_target_length: int | None = None,
         packing: bool | None = None,
+        group_by_length: bool | None = None,
         train_on_prompt: bool = False,
         chat_template: str | None = None,
         prompt_template: str = ALPACA,
@@ -157,13 +179,14 @@ class DataModule(L.LightningDataModule):
             "test": _as_list(test_files),
             "predict": _as_list(predict_files),
         }
-        self.validation_fraction, self.seed = validation_fraction, seed
+        self.validation_fraction, self.seed, self.sample_by = validation_fraction, seed, sample_by
         self.fields = dict(fields or {})
         self.max_length = max_length
         self.max_target_length = max_target_length or max_length
         if packing is None:
             packing = format == "text" and objective == "causal_lm"
         self.packing, self.train_on_prompt = packing, train_on_prompt
+        self.group_by_length = not packing if group_by_length is None else group_by_length
         self.chat_template = chat_template
         self.prompt_template, self.prompt_template_no_input = prompt_template, prompt_template_no_input
         self.labels = list(labels) if labels is not None else None
@@ -184,6 +207,8 @@ class DataModule(L.LightningDataModule):
         """Raises a ValueError for settings that can't work together."""
         if self.format not in FIELDS:
             raise ValueError(f"format={self.format!r}; expected one of {list(FIELDS)}")
+        if self.sample_by not in TEXT_SAMPLING:
+            raise ValueError(f"sample_by={self.sample_by!r}; expected one of {list(TEXT_SAMPLING)}")
         if self.objective not in OBJECTIVE_FORMATS:
             raise ValueError(f"objective={self.objective!r}; expected one of {list(OBJECTIVE_FORMATS)}")
         if self.format not in OBJECTIVE_FORMATS[self.objective]:
@@ -191,6 +216,8 @@ class DataModule(L.LightningDataModule):
                 f"format={self.format!r} can't be used for the {self.objective!r} objective; it takes "
                 f"{' or '.join(OBJECTIVE_FORMATS[self.objective])} data"
             )
+        if self.packing and self.group_by_length:
+            raise ValueError("group_by_length=True is for padded rows; packed rows are all max_length long")
         if self.packing and self.objective != "causal_lm":
             raise ValueError(f"packing=True is for causal_lm only, not {self.objective!r}")
         unknown = set(self.fields) - set(FIELDS[self.format])
@@ -229,8 +256,11 @@ class DataModule(L.LightningDataModule):
     def used_chat_template(self) -> str | None:
         """The Jinja template chat rows are rendered with: ``chat_template``, else the tokenizer's, else ChatML;
         None for the other formats. The run saves it with its tokenizer, and its end of turn stops generation."""
-        if self.format != "chat":
-            return None
+        return self.rendering_template() if self.format == "chat" else None
+
+    def rendering_template(self) -> str:
+        """``chat_template``, else the tokenizer's, else ChatML: what message lists are rendered with (chat rows, and
+        preference rows given as messages; the latter's run keeps the tokenizer's own template)."""
         return self.chat_template or tokenizer_chat_template(self._load_tokenizer()) or CHATML
 
     @property
@@ -269,20 +299,30 @@ class DataModule(L.LightningDataModule):
         """The sources of a split, loaded once: its files, else what `path` holds for it."""
         if split not in self._sources:
             if self.files[split] or self.path is None:
-                self._sources[split] = [load_file(f, self.cache_dir) for f in self.files[split]]
+                self._sources[split] = [self._load(f) for f in self.files[split]]
             else:
                 if self._discovered is None:
                     self._discovered = self._discover()
                 self._sources[split] = self._discovered.get(split, [])
         return self._sources[split]
 
+    def _load(self, file: str) -> Source:
+        """One data file; says how a .txt file was cut into rows when ``sample_by=auto`` chose paragraphs."""
+        source = load_file(file, self.cache_dir, self.sample_by)
+        if self.sample_by == "auto" and source.kind == TEXT_KINDS["paragraph"]:
+            rank_zero_info(
+                f"{file}: blank lines separate its text, so each paragraph is a row ({len(source.dataset)} rows); "
+                "set data.sample_by=line for a row per line"
+            )
+        return source
+
     def _discover(self) -> dict[str, list[Source]]:
         path = self.path
         if Path(path).expanduser().is_dir():
             files, unmatched = discover(path)
-            sources = {split: [load_file(f, self.cache_dir) for f in fs] for split, fs in files.items()}
+            sources = {split: [self._load(f) for f in fs] for split, fs in files.items()}
         elif Path(path).expanduser().is_file():
-            sources, unmatched = {"train": [load_file(path, self.cache_dir)]}, []
+            sources, unmatched = {"train": [self._load(path)]}, []
         elif looks_local(path):
             raise FileNotFoundError(f"path={path}: no such data file or folder")
         else:
@@ -318,7 +358,7 @@ class DataModule(L.LightningDataModule):
     def _encode_source(self, source: Source, split: str) -> datasets.Dataset:
         predict = split == "predict"
         columns = resolve_columns(source, self.format, self.fields, predict)
-        template = self.used_chat_template
+        template = self.rendering_template() if self.format in ("chat", "preference") else None
         encoder = Encoder(
             source=source,
             columns=columns,
@@ -392,7 +432,10 @@ class DataModule(L.LightningDataModule):
         table = enc.dataset.select_columns(["length", "truncated", "no_loss"]).with_format("numpy")[:]
         lengths, truncated, no_loss = table["length"], table["truncated"], table["no_loss"]
         packed = self.packing and split != "predict"
-        data = PackedDataset(enc.dataset, self.max_length) if packed else RowsDataset(enc.dataset, split == "predict")
+        rows = enc.dataset
+        if self.objective == "preference" and no_loss.any():  # pairs whose prompt alone fills max_length
+            rows = rows.select(np.nonzero(~no_loss)[0])
+        data = PackedDataset(rows, self.max_length) if packed else RowsDataset(rows, split == "predict")
         n = len(lengths)
         self.stats[split] = {
             "rows": n,
@@ -421,7 +464,12 @@ class DataModule(L.LightningDataModule):
                 f"{_count(split_rows, n)} longer than max_length={self.max_length} were split into "
                 f"{self.max_length}-token pieces for packing"
             )
-        if no_loss.any():
+        if no_loss.any() and self.objective == "preference":
+            messages.append(
+                f"{_count(no_loss.sum(), n)} were dropped: the prompt alone fills max_length={self.max_length} "
+                f"({_by_file(enc.files_of(no_loss))})"
+            )
+        elif no_loss.any():
             messages.append(
                 f"{_count(no_loss.sum(), n)} have no tokens to compute the loss on (a response cut entirely by "
                 f"truncation, an empty response, or no assistant turn) ({_by_file(enc.files_of(no_loss))})"
@@ -437,7 +485,8 @@ class DataModule(L.LightningDataModule):
         return kwargs.get("num_replicas", 1), kwargs.get("rank", 0)
 
     def _collator(self, split: str) -> Collator:
-        return Collator(
+        kind = PairCollator if self.objective == "preference" else Collator
+        return kind(
             self.pad_token_id,
             left=split == "predict" and self.objective == "causal_lm",  # generation continues at the right end
             pad_to_multiple_of=self.pad_to_multiple_of,
@@ -447,10 +496,16 @@ class DataModule(L.LightningDataModule):
     def train_dataloader(self) -> ResumableDataLoader:
         data = self._dataset("train")
         num_replicas, rank = self._replicas()
+        lengths = None
+        if self.group_by_length:
+            lengths = self._split("train").dataset.select_columns(["length"]).with_format("numpy")[:]["length"]
+        accumulate = getattr(getattr(self, "trainer", None), "accumulate_grad_batches", 1)
+        sampler = TrainSampler(len(data), seed=self.seed, num_replicas=num_replicas, rank=rank, lengths=lengths,
+                               rows_per_step=self.batch_size * accumulate)  # fmt: skip
         return ResumableDataLoader(
             data,
             batch_size=self.batch_size,
-            sampler=TrainSampler(len(data), seed=self.seed, num_replicas=num_replicas, rank=rank),
+            sampler=sampler,
             collate_fn=self._collator("train"),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -3,12 +3,17 @@ and the row within it), folders (split by the words of file and folder names) an
 
 Rows are numbered from 0 within their file, as ``dataset[i]`` numbers them; for line-based files (JSONL, CSV, TXT)
 errors also give the 1-based line number an editor shows.
+
+A ``.txt`` file is read by line, by paragraph (blocks of lines separated by blank lines) or as one document, as the
+``sample_by`` of `datasets`' text builder offers; ``auto`` (the default) reads by paragraph a file whose text is
+separated by blank lines (books, articles, collections of multi-line documents) and by line any other.
 """
 
 import csv
 import itertools
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +33,9 @@ SPLIT_WORDS = {
 WORD_DELIMITERS = re.compile(r"[-._ 0-9]+")
 # files in a data folder that are never data (`datasets`' FILES_TO_IGNORE, of the types read here)
 NOT_DATA = {"config.json", "dataset_info.json", "dataset_infos.json", "dataset_dict.json"}
+# how a .txt file is cut into rows (`sample_by`); `kind` of a .txt source after "auto" is resolved
+TEXT_SAMPLING = ("auto", "line", "paragraph", "document")
+TEXT_KINDS = {"line": "text", "paragraph": "paragraphs", "document": "document"}
 
 
 @dataclass
@@ -36,7 +44,7 @@ class Source:
 
     name: str  # the path as the user gave it, or "dataset[split]" for the hub
     dataset: datasets.Dataset
-    kind: str  # json, csv, parquet, text or hub
+    kind: str  # json, csv, parquet, text (a row per line), paragraphs, document (a row per file) or hub
 
     def where(self, row: int) -> str:
         """Names row ``row`` of this source for an error message: ``"data.jsonl row 3 (line 5)"``."""
@@ -45,14 +53,18 @@ class Source:
 
 def where(name: str, kind: str, row: int) -> str:
     """Names a row of a file; line numbers are looked up only here, when an error is being reported."""
-    line = _line_of(name, row) if kind in ("json", "csv", "text") else None
+    line = _line_of(name, row, kind) if kind in ("json", "csv", *TEXT_KINDS.values()) else None
     return f"{name} row {row}" + (f" (line {line})" if line is not None else "")
 
 
-def _line_of(path: str, row: int) -> int | None:
+def _line_of(path: str, row: int, kind: str = "text") -> int | None:
     """The 1-based line on which row ``row`` of a line-based file starts (None for a JSON array file)."""
     p = Path(path).expanduser()
     try:
+        if kind == "document":
+            return 1
+        if kind == "paragraphs":
+            return next(itertools.islice((line for line, _ in paragraphs(p)), row, None), None)
         if p.suffix.lower() == ".txt":
             return row + 1  # the text builder keeps blank lines as rows
         if p.suffix.lower() == ".jsonl":
@@ -80,19 +92,29 @@ def check_extension(path: str) -> str:
     if builder is None:
         raise ValueError(
             f"{path}: unsupported file type {Path(path).suffix!r}; supported: {', '.join(EXTENSIONS)} "
-            "(.txt: each line is a row in column 'text')"
+            "(.txt: a row per line, or per paragraph where blank lines separate the text: see sample_by)"
         )
     return builder
 
 
-def load_file(path: str, cache_dir: str | None = None) -> Source:
-    """Loads one data file with ``datasets`` (cached as Arrow under ``cache_dir``). An empty file gives 0 rows."""
+def load_file(path: str, cache_dir: str | None = None, sample_by: str = "auto") -> Source:
+    """Loads one data file with ``datasets`` (cached as Arrow under ``cache_dir``). An empty file gives 0 rows.
+
+    ``sample_by`` cuts a .txt file into rows: ``line``, ``paragraph`` (blank-line separated blocks, their line breaks
+    kept), ``document`` (the whole file) or ``auto`` (paragraph when blank lines separate the text, else line)."""
+    if sample_by not in TEXT_SAMPLING:
+        raise ValueError(f"sample_by={sample_by!r}; expected one of {list(TEXT_SAMPLING)}")
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
     builder = check_extension(path)
     if _has_no_rows(file):
         return Source(path, datasets.Dataset.from_dict({}), builder)
+    if builder == "text":
+        if sample_by == "auto":
+            sample_by = "paragraph" if has_blank_line_separators(file) else "line"
+        if sample_by != "line":
+            return Source(path, _load_text_blocks(file, sample_by, cache_dir), TEXT_KINDS[sample_by])
     try:
         ds = datasets.load_dataset(builder, data_files=str(file.resolve()), split="train", cache_dir=cache_dir)
     except Exception as e:
@@ -101,6 +123,59 @@ def load_file(path: str, cache_dir: str | None = None) -> Source:
             problem or f"{path}: could not load it as {Path(path).suffix} ({builder}): {_reason(e)}"
         ) from e
     return Source(path, ds, builder)
+
+
+def has_blank_line_separators(path: Path) -> bool:
+    """Whether a blank (or whitespace-only) line stands between two lines of text: the file holds paragraphs."""
+    seen_text = seen_blank = False
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                seen_blank = seen_text
+            elif seen_blank:
+                return True
+            else:
+                seen_text = True
+    return False
+
+
+def paragraphs(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based start line, text) of each paragraph of a text file: its runs of non-blank lines, joined by "\\n"
+    (a blank line holds only whitespace; any number of them separate two paragraphs)."""
+    block: list[str] = []
+    start = 0
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                if not block:
+                    start = number
+                block.append(line.rstrip("\r\n"))
+            elif block:
+                yield start, "\n".join(block)
+                block = []
+    if block:
+        yield start, "\n".join(block)
+
+
+def _text_rows(path: str, sample_by: str, size: int, mtime_ns: int) -> Iterator[dict[str, str]]:
+    """Rows of a .txt file by paragraph or as one document (size and mtime key the `datasets` cache)."""
+    if sample_by == "document":
+        yield {"text": Path(path).read_text(encoding="utf-8").rstrip("\r\n")}
+    else:
+        yield from ({"text": text} for _, text in paragraphs(Path(path)))
+
+
+def _load_text_blocks(file: Path, sample_by: str, cache_dir: str | None) -> datasets.Dataset:
+    """A .txt file read by paragraph or document, into a `datasets` Arrow cache like the other builders'."""
+    stat = file.stat()
+    kwargs = dict(path=str(file.resolve()), sample_by=sample_by, size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+    try:
+        return datasets.Dataset.from_generator(
+            _text_rows, gen_kwargs=kwargs, features=datasets.Features(text=datasets.Value("string")),
+            cache_dir=cache_dir,
+        )  # fmt: skip
+    except Exception as e:
+        raise ValueError(f"{file}: could not read it by {sample_by}: {_reason(e)}") from e
 
 
 def _diagnose_jsonl(path: Path) -> str | None:

@@ -22,6 +22,9 @@ class Family:
         transposed: HF keys stored as (in, out), e.g. GPT-2's ``Conv1D`` weights.
         ignored: HF keys that hold no weights here (old causal-mask buffers, rotary caches).
         aliases: HF key -> the HF key it is a tied copy of: read when that one is absent, and written beside it.
+        tensor_parallel: leaf module name -> how tensor parallelism shards it (a style of ``finetune.parallel``:
+            ``colwise``, ``rowwise``, ``colwise_qkv``, ``embedding``, ``head``); modules not named stay replicated.
+            Empty: the family has no plan, and ``tensor_parallel_size > 1`` is refused.
     """
 
     model_types: tuple[str, ...]
@@ -34,6 +37,7 @@ class Family:
     transposed: tuple[str, ...] = ()
     ignored: tuple[str, ...] = ()
     aliases: dict[str, str] = field(default_factory=dict)
+    tensor_parallel: dict[str, str] = field(default_factory=dict)
     _transposed: re.Pattern | None = field(init=False, repr=False, compare=False)
     _ignored: re.Pattern | None = field(init=False, repr=False, compare=False)
 

@@ -122,4 +122,12 @@ FAMILY = Family(
     transposed=(r"\.(c_attn|c_proj|c_fc)\.weight$",),
     # Old checkpoints carry the causal mask as buffers.
     ignored=(r"\.attn\.(masked_)?bias$",),
+    # c_attn is fused [q; k; v]: each rank takes its heads of all three. Positions (wpe) stay replicated.
+    tensor_parallel={
+        "c_attn": "colwise_qkv",
+        "c_fc": "colwise",
+        "c_proj": "rowwise",
+        "wte": "embedding",
+        "lm_head": "head",
+    },  # fmt: skip
 )

@@ -154,4 +154,11 @@ FAMILY = Family(
         )
     ),
     ignored=(r"rotary_emb\.inv_freq$",),
+    # Megatron's split: q/k/v and gate/up by output (heads), o/down by input, vocabulary-sharded embedding and head.
+    tensor_parallel={
+        **dict.fromkeys(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"), "colwise"),
+        **dict.fromkeys(("o_proj", "down_proj"), "rowwise"),
+        "embed_tokens": "embedding",
+        "lm_head": "head",
+    },
 )

@@ -144,6 +144,8 @@ class Attention(nn.Module):
             self.add_module(names.v, nn.Linear(kv_dim or dim, kv_out, bias=qkv_bias))
         self.add_module(names.o, nn.Linear(q_out, dim, bias=o_bias))
 
+    keep_weights = False  # True (``finetune.attention_maps``): forward keeps ``self.weights`` (B, H, T, S)
+
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:  # (B, T, n*D) -> (B, n, T, D)
         return x.view(*x.shape[:-1], n, self.head_dim).transpose(1, 2)
 
@@ -192,6 +194,10 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, S, D)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             gqa = False
+        if self.keep_weights:  # attention maps asked for: the explicit softmax, equal to SDPA's output
+            y, self.weights = explicit_attention(q, k, v, mask=mask, is_causal=is_causal and mask is None,
+                                                 scale=self.scale)  # fmt: skip
+            return modules[n.o](y.transpose(1, 2).flatten(2))  # (B, T, C)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -203,6 +209,22 @@ class Attention(nn.Module):
             enable_gqa=gqa,
         )  # (B, H, T, D)
         return modules[n.o](y.transpose(1, 2).flatten(2))  # (B, T, C)
+
+
+def explicit_attention(q, k, v, *, mask=None, is_causal: bool = False, scale: float | None = None):
+    """``softmax(q k^T * scale + mask) v`` spelled out, for the attention weights SDPA does not return. q: (B, H, T,
+    D); k, v: (B, H_kv, S, D); mask as for ``Attention``; ``is_causal``: SDPA's (top-left) causal mask. Returns the
+    output (B, H, T, D) and the weights (B, H, T, S), computed in float32."""
+    H = q.size(1)
+    if k.size(1) != H:
+        k, v = k.repeat_interleave(H // k.size(1), dim=1), v.repeat_interleave(H // v.size(1), dim=1)  # (B, H, S, D)
+    scores = q.float() @ k.float().transpose(-2, -1) * (q.size(-1) ** -0.5 if scale is None else scale)  # (B,H,T,S)
+    if is_causal:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    weights = scores.softmax(-1)
+    return (weights @ v.float()).to(q.dtype), weights
 
 
 def build_mask(

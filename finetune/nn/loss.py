@@ -124,3 +124,89 @@ def linear_cross_entropy(
         with torch.no_grad():
             loss, *_, out = _chunked(h2, weight, bias, y, n, chunk, **no_grads, preds=preds)
     return loss, n, out.view_as(labels) if preds else None
+
+
+# ------------------------------------------------------------------------------------- per-token log-probabilities
+def _token_logprobs(h, weight, labels, chunk, *, grad_h: bool):
+    """log softmax(h @ W.T)[label] per token (0 where ignored), chunk by chunk; with ``grad_h`` also each token's
+    gradient direction d logp / d h = W[label] - softmax @ W (N, C), so backward only scales it per token."""
+    dtype = _compute_dtype(h, weight)
+    hd, wd = h.to(dtype), weight.to(dtype)
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=h.device)
+    dh = torch.empty_like(h) if grad_h else None
+    with torch.autocast(h.device.type, enabled=False):
+        for start in range(0, h.size(0), chunk):
+            end = min(start + chunk, h.size(0))
+            valid = labels[start:end] != IGNORE
+            target = labels[start:end].masked_fill(~valid, 0)  # (n,)
+            logits = (hd[start:end] @ wd.T).float()  # (n, V)
+            picked = logits.gather(1, target[:, None]).squeeze(1)  # (n,)
+            lse = logits.logsumexp(-1)  # (n,)
+            out[start:end] = (picked - lse) * valid
+            if grad_h:
+                p = logits.sub_(lse[:, None]).exp_()  # (n, V) softmax, in place
+                p.neg_()[torch.arange(end - start, device=p.device), target] += 1  # onehot - softmax
+                dh[start:end] = (p * valid[:, None]).to(dtype) @ wd  # (n, C)
+    return out, dh
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    """Per-token log-probabilities of ``labels`` under ``h @ W.T`` with a per-token gradient: unlike the summed
+    cross-entropy, each token may get its own upstream gradient (DPO weighs chosen and rejected sequences with
+    opposite signs). The hidden-state gradient directions are made in forward (the size of ``h``); the head's gradient,
+    when it trains, recomputes the logits chunk by chunk in backward. No (N, V) tensor outlives a chunk."""
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, chunk):  # h (N, C), weight (V, C), labels (N,)
+        out, dh = _token_logprobs(h, weight, labels, chunk, grad_h=ctx.needs_input_grad[0])
+        ctx.save_for_backward(dh, h if ctx.needs_input_grad[1] else None, weight, labels)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out: (N,) one upstream gradient per token
+        dh, h, weight, labels = ctx.saved_tensors
+        grad_h = dh * grad_out[:, None].to(dh.dtype) if dh is not None else None
+        grad_w = None
+        if h is not None:
+            dtype = _compute_dtype(h, weight)
+            hd, wd = h.to(dtype), weight.to(dtype)
+            gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            for start in range(0, h.size(0), ctx.chunk):
+                end = min(start + ctx.chunk, h.size(0))
+                valid = labels[start:end] != IGNORE
+                target = labels[start:end].masked_fill(~valid, 0)
+                logits = (hd[start:end] @ wd.T).float()  # (n, V)
+                p = logits.softmax(-1).neg_()
+                p[torch.arange(end - start, device=p.device), target] += 1  # onehot - softmax
+                p.mul_((grad_out[start:end].float() * valid)[:, None])
+                gw += (p.to(dtype).T @ hd[start:end]).float()  # (V, C)
+            grad_w = gw.to(weight.dtype)
+        return grad_h, grad_w, None, None
+
+
+def linear_token_logprobs(
+    h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk: int | None = None
+) -> torch.Tensor:
+    """log p(label) of every token under ``h @ weight.T`` (0 where the label is -100), without materializing all
+    logits; differentiable per token (sum rows of it for per-sequence log-probs).
+
+    h: (..., C) hidden states; weight: (V, C), a bias-free output head; labels: (...) aligned with ``h``.
+    Returns (...) fp32 log-probs. Equals ``log_softmax(F.linear(h, W).float()).gather(labels)`` up to rounding.
+    """
+    h2, y = h.reshape(-1, h.size(-1)), labels.reshape(-1)  # (N, C), (N,)
+    chunk = chunk or chunk_tokens(weight.size(0), h.device.type)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        out = _LinearTokenLogprobs.apply(h2, weight, y, chunk)
+    else:
+        with torch.no_grad():
+            out = _token_logprobs(h2, weight, y, chunk, grad_h=False)[0]
+    return out.view(labels.shape)
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The materialized fallback of ``linear_token_logprobs``: (..., V) logits -> (...) fp32 log p(label), 0 where
+    the label is -100 (for heads the chunked path can't stand in for)."""
+    valid = labels != IGNORE
+    picked = logits.float().log_softmax(-1).gather(-1, labels.masked_fill(~valid, 0)[..., None]).squeeze(-1)
+    return picked * valid

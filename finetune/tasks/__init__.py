@@ -6,15 +6,18 @@ from finetune.tasks.base import Task
 from finetune.tasks.causal_lm import CausalLM
 from finetune.tasks.classification import Classification
 from finetune.tasks.masked_lm import MaskedLM
+from finetune.tasks.preference import Preference
 from finetune.tasks.seq2seq import Seq2Seq
 
-__all__ = ["TASKS", "CausalLM", "Classification", "MaskedLM", "Seq2Seq", "Task", "plain_hparams", "task_class"]
+__all__ = [
+    "TASKS", "CausalLM", "Classification", "MaskedLM", "Preference", "Seq2Seq", "Task", "plain_hparams", "task_class",
+]  # fmt: skip
 
 # The task classes a run folder may name (its config.yaml's model.class_path), under the paths a recipe or
 # LightningCLI writes: ``finetune.tasks.CausalLM`` and ``finetune.tasks.causal_lm.CausalLM``.
 TASKS: dict[str, type[Task]] = {
     path: cls
-    for cls in (CausalLM, Classification, MaskedLM, Seq2Seq)
+    for cls in (CausalLM, Classification, MaskedLM, Preference, Seq2Seq)
     for path in (f"{__name__}.{cls.__name__}", f"{cls.__module__}.{cls.__qualname__}")
 }
 _PLAIN = (str, int, float, bool, type(None))

@@ -223,6 +223,10 @@ class Task(L.LightningModule):
         # Keyed "<stage>_metrics": a ModuleDict key "train" would clash with ``nn.Module.train``.
         self.stage_metrics = nn.ModuleDict({f"{s}_metrics": self.make_metrics(s) for s in STAGES})
         if self.device_mesh is not None:
+            from finetune.parallel import apply_tensor_parallel
+
+            # Tensor parallelism first, then FSDP2 over the data-parallel dimension: TP x FSDP2 (2D) composes.
+            apply_tensor_parallel(self.model, self.device_mesh, adapter=self.adapter_spec is not None)
             _fully_shard(self.model, self.device_mesh)
 
     # ----------------------------------------------------------------------------------------- metrics
@@ -376,15 +380,27 @@ class Task(L.LightningModule):
     def trainable_keys(self) -> set[str]:
         return {n for n, p in self.named_parameters() if p.requires_grad}
 
+    def state_dict(self, *args, **kwargs) -> dict:
+        """With an adapter, only what trains: the frozen base is rebuilt from ``pretrained`` on load. Every strategy
+        saves and restores the module through this: Lightning's own (single process, DDP) and DCP's
+        ``get_model_state_dict`` under FSDP2 (``ModelParallelStrategy``), whose distributed checkpoint then holds
+        the trained shards only and resumes by loading exactly those keys."""
+        state = super().state_dict(*args, **kwargs)
+        if self.adapter_spec is None or self.model is None:
+            return state
+        prefix = kwargs.get("prefix", "")
+        keep = {prefix + k for k in self.trainable_keys()}
+        for k in [k for k in state if k not in keep]:
+            del state[k]
+        return state
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The random state, so a resumed run draws the same dropout masks as an uninterrupted one.
         checkpoint["rng"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state()
         if self.adapter_spec is not None:
-            # What trains, plus a reference to the frozen base (rebuilt from it on load): megabytes, not the model.
-            keep = self.trainable_keys()
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+            # What trains (``state_dict``), plus a reference to the frozen base it is rebuilt from on load.
             checkpoint["base"] = {"pretrained": self.hparams.pretrained, "backend": self.hparams.backend}
         if self.model is not None and self._trainer is not None:
             # The epoch's training metrics so far, and where they stand: a run resumed at that very point continues
@@ -393,7 +409,8 @@ class Task(L.LightningModule):
             checkpoint["train_metrics"] = {"position": position, "states": summed_states(self.metrics("train"))}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.adapter_spec is not None or "base" in checkpoint:
+        # A distributed checkpoint's weights are already loaded by the strategy (the keys of ``state_dict``).
+        if (self.adapter_spec is not None or "base" in checkpoint) and "state_dict" in checkpoint:
             _check_trainable(set(checkpoint["state_dict"]), self.trainable_keys() if self.model is not None else None)
         self._resumed_train_metrics = checkpoint.get("train_metrics")
         rng = checkpoint.get("rng")

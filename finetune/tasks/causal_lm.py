@@ -13,6 +13,7 @@ from finetune.models.base import DecoderLM
 from finetune.models.hub import SUPPORTED_MODEL_TYPES, family_of
 from finetune.nn import build_mask
 from finetune.nn.loss import linear_cross_entropy
+from finetune.parallel import tensor_parallel_size
 from finetune.tasks.base import Task
 from finetune.tasks.metrics import LM_METRICS
 
@@ -87,35 +88,39 @@ class CausalLM(Task):
             "segment_ids": seg,
         }
 
-    def logits(self, batch: dict) -> torch.Tensor:
-        """(B, T, V) logits."""
-        inputs = self._inputs(batch)
+    def logits(self, batch: dict, model: nn.Module | None = None) -> torch.Tensor:
+        """(B, T, V) logits of ``model`` (default: the task's)."""
+        inputs, model = self._inputs(batch), model or self.model
         if self.is_hf:
-            return self.model(**inputs).logits
-        return self.model(inputs.pop("input_ids"), **inputs)
+            return model(**inputs).logits
+        return model(inputs.pop("input_ids"), **inputs)
 
-    def hidden_states(self, batch: dict) -> torch.Tensor:
-        """(B, T, C) final hidden states, the output head's input."""
-        inputs = self._inputs(batch)
+    def hidden_states(self, batch: dict, model: nn.Module | None = None) -> torch.Tensor:
+        """(B, T, C) final hidden states of ``model`` (default: the task's), the output head's input."""
+        inputs, model = self._inputs(batch), model or self.model
         if self.is_hf:
-            return self.model.base_model(**inputs).last_hidden_state
-        return self.model(inputs.pop("input_ids"), **inputs, head=False)
+            return model.base_model(**inputs).last_hidden_state
+        return model(inputs.pop("input_ids"), **inputs, head=False)
 
-    def output_head(self) -> nn.Linear | None:
+    def output_head(self, model: nn.Module | None = None) -> nn.Linear | None:
         """The model's output head when the fused loss can stand in for it: a plain bias-free ``nn.Linear`` applied
         to the final hidden states as they are. ``None`` for a head an adapter wraps or trains (``modules_to_save``),
         and for HF models outside our decoder families (some scale or soft-cap their logits). Also ``None`` for an
         HF model under FSDP2: its decoder alone, called outside the root's forward, would find the embedding still
-        sharded (ours returns hidden states through its own forward)."""
+        sharded (ours returns hidden states through its own forward). And ``None`` under tensor parallelism, whose
+        head is sharded over the vocabulary and gathers its logits itself."""
+        if tensor_parallel_size(self.device_mesh) > 1:
+            return None
+        model = model or self.model
         if self.is_hf:
             if self.device_mesh is not None:
                 return None
-            model_type = self.model.config.model_type
+            model_type = model.config.model_type
             if model_type not in SUPPORTED_MODEL_TYPES or not issubclass(family_of(model_type).model_cls, DecoderLM):
                 return None
-            head = self.model.get_output_embeddings()
+            head = model.get_output_embeddings()
         else:
-            head = getattr(self.model, "lm_head", None)
+            head = getattr(model, "lm_head", None)
         return head if type(head) is nn.Linear and head.bias is None else None
 
     def step(self, batch: dict, stage: str, batch_idx: int) -> dict:

@@ -127,3 +127,22 @@ SEQ2SEQ_METRICS = {
     "rouge_l": MetricSpec(lambda n: RougeL(), _texts, needs="generated"),
     "bleu": MetricSpec(lambda n: Bleu(), _texts, needs="generated"),
 }
+
+
+def _pair_mean(key: str):
+    return lambda o: (o[key], 1)  # each pair weighs one
+
+
+# TRL's names; each a mean over the epoch's pairs (``nll/chosen`` over its chosen tokens).
+PREFERENCE_METRICS = {
+    "loss": MetricSpec(lambda n: TokenMean(), _nll),
+    "rewards/chosen": MetricSpec(lambda n: TokenMean(), _pair_mean("rewards_chosen")),
+    "rewards/rejected": MetricSpec(lambda n: TokenMean(), _pair_mean("rewards_rejected")),
+    "rewards/margins": MetricSpec(lambda n: TokenMean(), lambda o: (o["rewards_chosen"] - o["rewards_rejected"], 1)),
+    "rewards/accuracies": MetricSpec(
+        lambda n: TokenMean(), lambda o: ((o["rewards_chosen"] > o["rewards_rejected"]).float(), 1)
+    ),
+    "logps/chosen": MetricSpec(lambda n: TokenMean(), _pair_mean("logps_chosen")),
+    "logps/rejected": MetricSpec(lambda n: TokenMean(), _pair_mean("logps_rejected")),
+    "nll/chosen": MetricSpec(lambda n: TokenMean(), lambda o: (o["nll_chosen"], o["chosen_tokens"])),
+}

@@ -35,7 +35,7 @@ def test_file_types_give_the_same_batches(make_dm, write, suffix):
 
 
 def test_txt_lines_are_text_rows(make_dm, write):
-    dm = make_dm(validation_files=write("v.txt", ["the cat sat", "", "hello world"]))
+    dm = make_dm(validation_files=write("v.txt", ["the cat sat", "", "hello world"]), sample_by="line")
     dm.setup("validate")
     assert texts(dm, "validation") == ["the cat sat", "", "hello world"]  # a blank line is a row too
     assert dm.stats["validation"]["rows"] == 3

@@ -43,12 +43,12 @@ FSDP2 = (
 )
 
 
-def run_cli(*args: str, torchrun: bool = False) -> str:
+def run_cli(*args: str, torchrun: bool = False, processes: int = 2) -> str:
     """``python -m finetune.cli ARGS`` to the end, with 2 processes, started by Lightning's launcher (which re-runs
-    the command for rank 1) or by ``torchrun``; its output (printed when it fails)."""
+    the command for rank 1) or by ``torchrun`` (also with more ``processes``); its output (printed when it fails)."""
     if torchrun:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
         proc = subprocess.Popen(
             [*command, "-m", "finetune.cli", *args],
             env=env,
@@ -67,8 +67,8 @@ def run_cli(*args: str, torchrun: bool = False) -> str:
         out, _ = proc.communicate()
         pytest.fail(f"timed out after {TIMEOUT}s: {' '.join(args)}\n{out}")
     assert proc.returncode == 0, f"exit code {proc.returncode}: {' '.join(args)}\n{out}"
-    assert "All distributed processes registered. Starting with 2 processes" in out, out
-    print(f"{args[0]} with 2 processes{' (torchrun)' if torchrun else ''} took {time.time() - t0:.1f}s")
+    assert f"All distributed processes registered. Starting with {processes} processes" in out, out
+    print(f"{args[0]} with {processes} processes{' (torchrun)' if torchrun else ''} took {time.time() - t0:.1f}s")
     return out
 
 
