@@ -71,8 +71,8 @@ def _load_hf(folder: Path) -> Loaded:
 def _load_run(folder: Path, ckpt: str) -> Loaded:
     import yaml
 
-    from finetune.export import load_run, merged_state
     from finetune.models.hub import from_state
+    from finetune.runs import load_run, merged_state
 
     run = load_run(folder, ckpt)
     task = run.task
