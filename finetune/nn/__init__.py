@@ -1,6 +1,6 @@
 """From-scratch building blocks; each is small and tested on its own (tests/nn)."""
 
-from finetune.nn.attention import Attention, AttentionNames, KVCache, build_mask
+from finetune.nn.attention import Attention, AttentionNames, KVCache, SlotKVCache, build_mask
 from finetune.nn.blocks import PostNormBlock, PreNormBlock
 from finetune.nn.mlp import MLP, GatedMLP, activation
 from finetune.nn.norms import LayerNorm, RMSNorm
@@ -26,6 +26,7 @@ __all__ = [
     "RMSNorm",
     "RotaryEmbedding",
     "SinusoidalPositions",
+    "SlotKVCache",
     "T5RelativeBias",
     "activation",
     "apply_rotary",
