@@ -203,6 +203,21 @@ def check_draft(target: Loaded, draft: Loaded) -> None:
 
 
 # ------------------------------------------------------------------------------------------ chat
+def chat_template_of(loaded: Loaded) -> str:
+    """The template a chat with ``loaded`` renders through: the run's, else the tokenizer's, else ChatML."""
+    return loaded.chat_template or tokenizer_chat_template(loaded.tokenizer) or CHATML
+
+
+def chat_prompt(loaded: Loaded, messages: list[dict]) -> tuple[list[int], list[int], str | None]:
+    """``messages`` rendered through the chat template, ready for the assistant's answer: (its ids, the ids that
+    end the answer, an end-of-turn marker that is not one token, to cut from the text, or None)."""
+    from finetune.data.templates import render
+
+    tok, template = loaded.tokenizer, chat_template_of(loaded)
+    ids = tok(render(tok, template, messages, True), add_special_tokens=False)["input_ids"]
+    return ids, with_end_of_turn(loaded.stop_ids, tok, template), end_of_turn(tok, template)
+
+
 class Chat:
     """A conversation through the model's chat template, kept in the model's KV cache between turns.
 
@@ -218,7 +233,7 @@ class Chat:
             raise ValueError(f"{loaded.source}: chat needs a decoder-only model")
         self.loaded, self.sampling, self.system = loaded, sampling, system
         tok = loaded.tokenizer
-        self.template = loaded.chat_template or tokenizer_chat_template(tok) or CHATML
+        self.template = chat_template_of(loaded)
         self.end_of_turn = end_of_turn(tok, self.template)
         self.stop_ids = with_end_of_turn(loaded.stop_ids, tok, self.template)
         self.session = Session(loaded.model)

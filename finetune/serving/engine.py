@@ -211,7 +211,7 @@ class Engine:
         r.generated.append(tok)
         reason = None
         if tok in r.stop_ids:
-            reason = "stop"
+            reason, delta = "stop", r.text.end()  # what was held back (a stop string's beginning, a half character)
         else:
             delta = r.text.push(tok)
             if r.text.stopped:
@@ -219,8 +219,8 @@ class Engine:
             elif len(r.generated) >= r.sampling.max_new_tokens:
                 reason = "length"
                 delta += r.text.end()
-            if delta:
-                r.emit({"text": delta})
+        if delta:
+            r.emit({"text": delta})
         if reason is not None:
             r.finish_reason = reason
             usage = {"prompt_tokens": len(r.ids), "completion_tokens": len(r.generated)}
