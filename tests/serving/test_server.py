@@ -258,3 +258,69 @@ def test_sigterm_finishes_the_running_request_and_exits_0(guarded, loaded):
     assert chunks[-1]["finish_reason"] in ("stop", "length")
     assert "".join(c["text"] for c in chunks) == greedy(loaded, "once", 60)  # the whole answer, after SIGTERM
     assert guarded.proc.wait(timeout=60) == 0
+
+
+# ------------------------------------------------------------------------------------------ soak
+def rss_kib(pid: int) -> int:
+    return int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
+
+
+@pytest.mark.slow
+def test_soak_mixed_requests_all_answered_and_memory_flat(server, loaded, model_dir):
+    """200 requests from 8 threads: plain, streamed, cancelled mid-stream, invalid. Every valid one gets exactly its
+    greedy text; afterwards nothing runs, and the server's memory has not grown past warm-up noise."""
+    name, prompts = model_dir.name, PROMPTS[:4]
+    expected = {(p, n): greedy(loaded, p, n) for p in prompts for n in (1, 3, 5)}
+    failures: list[str] = []
+
+    def one(i: int) -> None:
+        p, n = prompts[i % 4], (1, 3, 5)[i % 3]
+        body = {"model": name, "prompt": p, "max_tokens": n, "temperature": 0}
+        kind = i % 4
+        if kind == 0:
+            text = server.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        elif kind == 1:
+            with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+                data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+            text = "".join(json.loads(d)["choices"][0]["text"] for d in data[:-1] if json.loads(d)["choices"])
+        elif kind == 2:  # leaves after the first event
+            body = {**body, "max_tokens": 100, "stream": True}
+            with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+                next(r.iter_lines())
+            return
+        else:
+            r = server.post("/v1/completions", json={**body, "n": 2})
+            if r.status_code != 400:
+                failures.append(f"invalid request answered {r.status_code}")
+            return
+        if text != expected[(p, n)]:
+            failures.append(f"{p!r} {n}: {text!r} != {expected[(p, n)]!r}")
+
+    def run(count: int) -> None:
+        it = iter(range(count))
+        lock = threading.Lock()
+
+        def worker() -> None:
+            while True:
+                with lock:
+                    i = next(it, None)
+                if i is None:
+                    return
+                one(i)
+
+        threads = [threading.Thread(target=worker) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+
+    run(32)  # warm-up: caches grown, allocator settled
+    before = rss_kib(server.proc.pid)
+    run(168)
+    after = rss_kib(server.proc.pid)
+    assert not failures, failures[:5]
+    deadline = time.monotonic() + 20
+    while server.running() != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert after - before < 30_000, (before, after)  # KiB
