@@ -517,8 +517,18 @@ def serve_command(argv: list[str]) -> int:
     parser.add_argument("--max-tokens-limit", type=int, help="refuse max_tokens over this (400)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds SIGTERM waits for running requests")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN_FOLDER",
+                        help="also serve a LoRA run trained on MODEL, unmerged, as NAME (repeatable)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
+        adapters = {}
+        for spec in args.adapter:
+            name, eq, folder = spec.partition("=")
+            if not eq or not name or not folder:
+                raise ValueError(f"--adapter {spec!r}: expected NAME=RUN_FOLDER")
+            if name in adapters:
+                raise ValueError(f"--adapter {name}: given twice")
+            adapters[name] = folder
         api_key = args.api_key
         if args.api_key_file:
             api_key = Path(args.api_key_file).read_text().strip()
@@ -527,7 +537,7 @@ def serve_command(argv: list[str]) -> int:
         return serve(args.model, host=args.host, port=args.port, ckpt=args.ckpt, device=_device(args),
                      name=args.name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                      max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
-                     grace=args.grace)  # fmt: skip
+                     grace=args.grace, adapters=adapters)  # fmt: skip
     except (OSError, ValueError) as e:
         print(f"finetune serve: error: {e}", file=sys.stderr)
         return 2
@@ -574,7 +584,7 @@ commands:
   chat MODEL [--system TEXT]
                       talk to a model through its chat template, the conversation kept in the KV cache
   serve MODEL [--host 127.0.0.1 --port 8000 --api-key KEY|--api-key-file F --max-batch N --max-queue N
-               --max-tokens-limit N]
+               --max-tokens-limit N --adapter NAME=RUN_FOLDER ...]
                       an OpenAI-compatible HTTP server, batching concurrent requests continuously
   demo                convert a small random HF LLaMA, check parity with transformers, generate
 """

@@ -69,8 +69,6 @@ def _load_hf(folder: Path) -> Loaded:
 
 
 def _load_run(folder: Path, ckpt: str) -> Loaded:
-    import yaml
-
     from finetune.models.hub import from_state
     from finetune.runs import load_run, merged_state
 
@@ -82,11 +80,33 @@ def _load_run(folder: Path, ckpt: str) -> Loaded:
     if not (folder / "tokenizer").is_dir():
         raise FileNotFoundError(f"{folder}: no tokenizer/ folder (written when a fit starts); not a complete run")
     config, state = merged_state(run)  # the adapter merged per layer, as in export
-    model = from_state(config.to_dict(), state, where=str(run.ckpt))
-    data = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("data") or {}
-    tok = task.tokenizer  # the run's tokenizer/: a chat run saved its template there (RunFolder)
+    return _run_loaded(run, from_state(config.to_dict(), state, where=str(run.ckpt)))
+
+
+def _run_loaded(run, model: Backbone) -> Loaded:
+    """``model`` with the run's tokenizer, chat template and stop ids."""
+    import yaml
+
+    data = (yaml.safe_load((run.folder / "config.yaml").read_text()) or {}).get("data") or {}
+    tok = run.task.tokenizer  # the run's tokenizer/: a chat run saved its template there (RunFolder)
     template = data.get("chat_template") or tokenizer_chat_template(tok)
-    return Loaded(model, tok, str(folder), with_end_of_turn(_eos_ids(model, tok), tok, template), template)
+    return Loaded(model, tok, str(run.folder), with_end_of_turn(_eos_ids(model, tok), tok, template), template)
+
+
+def load_adapter(base: Loaded, path: str | Path, *, ckpt: str = "best") -> Loaded:
+    """A LoRA run trained on ``base`` (its pretrained folder), its adapter unmerged over ``base``'s weights (shared,
+    not copied), with the run's tokenizer and chat template."""
+    from finetune.models.hub import resolve
+    from finetune.runs import adapter_model, load_run
+
+    run = load_run(path, ckpt)
+    pretrained = run.task.hparams.pretrained
+    if pretrained is None or resolve(pretrained).resolve() != Path(base.source).resolve():
+        raise ValueError(f"--adapter {path}: trained on {pretrained}, not on the served model {base.source}; an "
+                         "adapter is served on the base it was trained on")  # fmt: skip
+    if run.task.objective != "causal_lm":
+        raise ValueError(f"--adapter {path}: a {type(run.task).__name__} run; serving takes causal LM runs")
+    return _run_loaded(run, adapter_model(run, base.model))
 
 
 def _eos_ids(model: Backbone, tokenizer, generation_config: Path | None = None) -> list[int]:

@@ -264,3 +264,30 @@ def model_config(task: Task, model: nn.Module):
     auto = getattr(transformers, task.auto_class)
     config.architectures = [auto._model_mapping[type(config)].__name__]
     return config
+
+
+# ------------------------------------------------------------------------------------------ unmerged
+def adapter_model(run: Run, base: nn.Module) -> nn.Module:
+    """The run's model with its adapter injected and unmerged, its frozen weights ``base``'s own tensors (shared,
+    not copied): several fine-tunes of one base cost one base in memory. ``base`` is our from-scratch model of the
+    run's pretrained folder (as ``inference.load`` opens it). Eval mode."""
+    task = run.task
+    if task.adapter_spec is None:
+        raise ValueError(f"{run.folder}: a full fine-tune has no adapter to serve on a shared base; serve the run "
+                         "itself")  # fmt: skip
+    if task.is_hf:
+        raise ValueError(f"{run.folder}: trained on the hf backend; serve its merged model (pass the run folder as "
+                         "MODEL) or retrain with backend: scratch")  # fmt: skip
+    tuned = task.inject_adapter(task.build_model(empty=True), quantize=False)  # meta; QLoRA's base unquantized
+    shared = base.state_dict(keep_vars=True)
+    state = {}
+    for name in tuned.state_dict(keep_vars=True):
+        if name in run.trained:
+            state[name] = run.trained[name]
+        else:  # a frozen tensor: the base's, under peft's ``base_layer`` / ``original_module`` paths
+            plain = name.replace(".base_layer.", ".").replace(".original_module.", ".")
+            if plain not in shared:
+                raise KeyError(f"{run.folder}: {name} is neither trained nor in the base model")
+            state[name] = shared[plain]
+    tuned.load_state_dict(state, strict=True, assign=True)
+    return tuned.to(next(base.parameters()).device).eval()

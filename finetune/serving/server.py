@@ -28,7 +28,10 @@ def serve(
     max_tokens_limit: int | None = None,
     max_body_bytes: int = 1 << 20,
     grace: float = 30.0,
+    adapters: dict[str, str] | None = None,
 ) -> int:
+    """Serves ``model`` under ``name``, and each LoRA run of ``adapters`` ({name: run folder}, trained on
+    ``model``) unmerged over its weights under its own name, each in an engine (a batch) of its own."""
     import uvicorn
 
     for flag, value in (
@@ -38,6 +41,9 @@ def serve(
     ):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    name = name or Path(model).resolve().name
+    if name in (adapters or {}):
+        raise ValueError(f"--adapter {name}: is the served model's name; name the adapter otherwise (or use --name)")
     state = State(name or Path(model).resolve().name, api_key=api_key, max_tokens_limit=max_tokens_limit,
                   max_body_bytes=max_body_bytes)  # fmt: skip
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -53,14 +59,18 @@ def serve(
 
         try:
             loaded = inference.load(model, ckpt=ckpt, device=device)
-            engine = Engine(loaded.model, max_batch=max_batch, max_queue=max_queue, metrics=state.metrics).start()
+            tuned = {n: inference.load_adapter(loaded, folder, ckpt=ckpt) for n, folder in (adapters or {}).items()}
+            served = {state.name: loaded, **tuned}
+            engines = {n: Engine(m.model, max_batch=max_batch, max_queue=max_queue, metrics=state.metrics)
+                       for n, m in served.items()}  # fmt: skip
         except Exception as e:  # noqa: BLE001  (reported, and the server exits 2)
             state.load_error = f"{type(e).__name__}: {e}"
             print(f"finetune serve: error: {e}", file=sys.stderr, flush=True)
             server.should_exit = True
             return
-        state.models[state.name] = Served(loaded, engine)
-        print(f"finetune serve: {state.name} loaded ({loaded.source})", file=sys.stderr, flush=True)
+        for n, m in served.items():
+            state.models[n] = Served(m, engines[n].start())
+            print(f"finetune serve: {n} loaded ({m.source})", file=sys.stderr, flush=True)
 
     print(f"finetune serve: listening on http://{host}:{bound}", flush=True)
     loader = threading.Thread(target=load, name="finetune-load", daemon=True)
