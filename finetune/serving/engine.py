@@ -179,8 +179,9 @@ class Engine:
         self._drop_finished()
         if sched.running:
             logits = self.runner.decode([r.generated[-1] for r in sched.running])  # (rows, V)
+            argmax = logits.argmax(-1).tolist()  # every greedy row's token, in one host sync
             for i, r in enumerate(sched.running):
-                self._sample(r, logits[i : i + 1])
+                self._sample(r, logits[i : i + 1], argmax[i])
         for r in admitted:
             if r.sampling.seed is not None:  # as ``generate`` seeds its own generator, on the model's device
                 r.generator = torch.Generator(device=self.runner.device).manual_seed(r.sampling.seed)
@@ -199,11 +200,13 @@ class Engine:
                     self.runner.drop(i)
             self._gauges()
 
-    def _sample(self, r: Request, logits: torch.Tensor) -> None:
-        """The request's next token from (1, V) logits, its text, and its end when it has come."""
+    def _sample(self, r: Request, logits: torch.Tensor, argmax: int | None = None) -> None:
+        """The request's next token from (1, V) logits (``argmax``: their argmax, when known), its text, and its
+        end when it has come."""
         if r.cancelled:
             return
-        tok = int(next_token(logits, r.sampling, r.generator))
+        greedy = r.sampling.temperature == 0 and argmax is not None
+        tok = argmax if greedy else int(next_token(logits, r.sampling, r.generator))
         now = time.perf_counter()
         if self.metrics is not None:
             self.metrics.token(r, now)
