@@ -1,5 +1,5 @@
 """The ``finetune`` command: ``fit|validate|test|predict`` (LightningCLI over a recipe), ``recipes``, ``export``,
-``tokenizer``, ``generate``, ``chat``, ``demo``.
+``tokenizer``, ``generate``, ``chat``, ``serve``, ``demo``.
 
 Every command starts fast: this module imports only the standard library, yaml and ``finetune.bundled`` at its top;
 torch, Lightning, transformers and peft are imported inside the commands that use them (``finetune --help`` and
@@ -170,9 +170,15 @@ def export_command(argv: list[str]) -> int:
     return 0
 
 
-def _sampling_args(parser: argparse.ArgumentParser) -> None:
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    """MODEL and how to load it, for generate, chat and serve (loading options, such as quantization, go here)."""
     parser.add_argument("model", metavar="MODEL", help="a run folder (its best checkpoint) or a Hugging Face folder")
     parser.add_argument("--ckpt", default="best", help="of a run folder: best (default), last, or a checkpoint path")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
+
+
+def _sampling_args(parser: argparse.ArgumentParser) -> None:
+    _model_args(parser)
     # Unset sampling flags come from the model's generation_config.json, else the defaults named here.
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's, else 128")
     parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's, else 0.8)")
@@ -181,7 +187,6 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of mass p")
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same output (default 0)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
 
 
 def _quantize_args(parser: argparse.ArgumentParser) -> None:
@@ -416,6 +421,53 @@ def chat_command(argv: list[str], stdin=None) -> int:
         print(flush=True)
 
 
+def serve_command(argv: list[str]) -> int:
+    from finetune.serving.server import serve
+
+    parser = argparse.ArgumentParser(
+        prog="finetune serve",
+        description="An OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /health, "
+        "/metrics) over a run folder or a Hugging Face folder, batching concurrent requests continuously. Prints "
+        "the address it listens on; SIGTERM finishes the running requests and exits 0.",
+    )
+    _model_args(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
+    key = parser.add_mutually_exclusive_group()
+    key.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/*")
+    key.add_argument("--api-key-file", metavar="FILE", help="the same, the key read from FILE (not in ps output)")
+    parser.add_argument("--name", help="the served model's name (default: MODEL's folder name)")
+    parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get 429")
+    parser.add_argument("--max-tokens-limit", type=int, help="refuse max_tokens over this (400)")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    parser.add_argument("--grace", type=float, default=30.0, help="seconds SIGTERM waits for running requests")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN_FOLDER",
+                        help="also serve a LoRA run trained on MODEL, unmerged, as NAME (repeatable)")  # fmt: skip
+    args = parser.parse_args(argv)
+    try:
+        adapters = {}
+        for spec in args.adapter:
+            name, eq, folder = spec.partition("=")
+            if not eq or not name or not folder:
+                raise ValueError(f"--adapter {spec!r}: expected NAME=RUN_FOLDER")
+            if name in adapters:
+                raise ValueError(f"--adapter {name}: given twice")
+            adapters[name] = folder
+        api_key = args.api_key
+        if args.api_key_file:
+            api_key = Path(args.api_key_file).read_text().strip()
+            if not api_key:
+                raise ValueError(f"--api-key-file {args.api_key_file}: is empty")
+        return serve(args.model, host=args.host, port=args.port, ckpt=args.ckpt, device=_device(args),
+                     name=args.name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
+                     max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
+                     grace=args.grace, adapters=adapters)  # fmt: skip
+    except (OSError, ValueError) as e:
+        print(f"finetune serve: error: {e}", file=sys.stderr)
+        return 2
+
+
 def tokenizer_cli(argv: list[str]) -> int:
     from finetune.tokenizer import tokenizer_command
 
@@ -463,6 +515,9 @@ commands:
                       a folder of weight-only int8/int4 weights that generate/chat load as saved
   attention MODEL --prompt TEXT [--layers I,J] --out DIR
                       attention maps: a PNG heat map per layer (a panel per head) and the weights as .npz
+  serve MODEL [--host 127.0.0.1 --port 8000 --api-key KEY|--api-key-file F --max-batch N --max-queue N
+               --max-tokens-limit N --adapter NAME=RUN_FOLDER ...]
+                      an OpenAI-compatible HTTP server, batching concurrent requests continuously
   demo                convert a small random HF LLaMA, check parity with transformers, generate
 """
 
@@ -477,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "export":
         return export_command(argv[1:])
     commands = {"generate": generate_command, "chat": chat_command, "tokenizer": tokenizer_cli,
-                "quantize": quantize_command, "attention": attention_command}  # fmt: skip
+                "quantize": quantize_command, "attention": attention_command, "serve": serve_command}  # fmt: skip
     if argv[0] in commands:
         return commands[argv[0]](argv[1:])
     if argv and argv[0] == "demo":

@@ -89,10 +89,8 @@ def _load_hf(folder: Path) -> Loaded:
 
 
 def _load_run(folder: Path, ckpt: str) -> Loaded:
-    import yaml
-
-    from finetune.export import GENERATING, load_run, merged_state
     from finetune.models.hub import from_state
+    from finetune.runs import GENERATING, load_run, merged_state
 
     run = load_run(folder, ckpt)
     task = run.task
@@ -102,13 +100,37 @@ def _load_run(folder: Path, ckpt: str) -> Loaded:
     if not (folder / "tokenizer").is_dir():
         raise FileNotFoundError(f"{folder}: no tokenizer/ folder (written when a fit starts); not a complete run")
     config, state = merged_state(run)  # the adapter merged per layer, as in export
-    model = from_state(config.to_dict(), state, where=str(run.ckpt))
-    data = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("data") or {}
-    tok = task.tokenizer  # the run's tokenizer/: a chat run saved its template there (RunFolder)
+    return _run_loaded(run, from_state(config.to_dict(), state, where=str(run.ckpt)))
+
+
+def _run_loaded(run, model: Backbone) -> Loaded:
+    """``model`` with the run's tokenizer, chat template and stop ids."""
+    import yaml
+
+    data = (yaml.safe_load((run.folder / "config.yaml").read_text()) or {}).get("data") or {}
+    tok = run.task.tokenizer  # the run's tokenizer/: a chat run saved its template there (RunFolder)
     template = data.get("chat_template") or tokenizer_chat_template(tok)
-    base = Path(task.hparams.pretrained).expanduser() if task.hparams.pretrained else None  # a local base folder
+    pretrained = run.task.hparams.pretrained
+    base = Path(pretrained).expanduser() if pretrained else None  # a local base folder
     generation = generation_defaults(base) if base is not None and base.is_dir() else {}
-    return Loaded(model, tok, str(folder), with_end_of_turn(_eos_ids(model, tok), tok, template), template, generation)
+    stops = with_end_of_turn(_eos_ids(model, tok), tok, template)
+    return Loaded(model, tok, str(run.folder), stops, template, generation)
+
+
+def load_adapter(base: Loaded, path: str | Path, *, ckpt: str = "best") -> Loaded:
+    """A LoRA run trained on ``base`` (its pretrained folder), its adapter unmerged over ``base``'s weights (shared,
+    not copied), with the run's tokenizer and chat template."""
+    from finetune.models.hub import resolve
+    from finetune.runs import adapter_model, load_run
+
+    run = load_run(path, ckpt)
+    pretrained = run.task.hparams.pretrained
+    if pretrained is None or resolve(pretrained).resolve() != Path(base.source).resolve():
+        raise ValueError(f"--adapter {path}: trained on {pretrained}, not on the served model {base.source}; an "
+                         "adapter is served on the base it was trained on")  # fmt: skip
+    if run.task.objective != "causal_lm":
+        raise ValueError(f"--adapter {path}: a {type(run.task).__name__} run; serving takes causal LM runs")
+    return _run_loaded(run, adapter_model(run, base.model))
 
 
 def _eos_ids(model: Backbone, tokenizer, generation_config: Path | None = None) -> list[int]:
@@ -259,6 +281,21 @@ def check_draft(target: Loaded, draft: Loaded) -> None:
 
 
 # ------------------------------------------------------------------------------------------ chat
+def chat_template_of(loaded: Loaded) -> str:
+    """The template a chat with ``loaded`` renders through: the run's, else the tokenizer's, else ChatML."""
+    return loaded.chat_template or tokenizer_chat_template(loaded.tokenizer) or CHATML
+
+
+def chat_prompt(loaded: Loaded, messages: list[dict]) -> tuple[list[int], list[int], str | None]:
+    """``messages`` rendered through the chat template, ready for the assistant's answer: (its ids, the ids that
+    end the answer, an end-of-turn marker that is not one token, to cut from the text, or None)."""
+    from finetune.data.templates import render
+
+    tok, template = loaded.tokenizer, chat_template_of(loaded)
+    ids = tok(render(tok, template, messages, True), add_special_tokens=False)["input_ids"]
+    return ids, with_end_of_turn(loaded.stop_ids, tok, template), end_of_turn(tok, template)
+
+
 class Chat:
     """A conversation through the model's chat template, kept in the model's KV cache between turns.
 
@@ -274,7 +311,7 @@ class Chat:
             raise ValueError(f"{loaded.source}: chat needs a decoder-only model")
         self.loaded, self.sampling, self.system = loaded, sampling, system
         tok = loaded.tokenizer
-        self.template = loaded.chat_template or tokenizer_chat_template(tok) or CHATML
+        self.template = chat_template_of(loaded)
         self.end_of_turn = end_of_turn(tok, self.template)
         self.stop_ids = with_end_of_turn(loaded.stop_ids, tok, self.template)
         self.session = Session(loaded.model)

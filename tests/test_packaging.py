@@ -19,6 +19,9 @@ def test_wheel_ships_recipes_and_finds_them(tmp_path):
     )
     (wheel,) = tmp_path.glob("finetune-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
+    package = root / "finetune"
+    for init in package.rglob("__init__.py"):  # every subpackage ships (pyproject lists them by hand)
+        assert f"finetune/{init.relative_to(package).as_posix()}" in names, f"{init.parent} is missing from the wheel"
     for recipe in bundled.bundled():
         assert f"finetune/recipes/{recipe}.yaml" in names
     assert "finetune/recipes/data/quickstart/train.txt" in names

@@ -93,14 +93,17 @@ class Backbone(nn.Module):
             return checkpoint(layer, x, use_reentrant=False, **kwargs)
         return layer(x, **kwargs)
 
-    def make_cache(self, batch_size: int, max_len: int, *, layers=None, attr: str = "attn") -> list[KVCache]:
+    def make_cache(
+        self, batch_size: int, max_len: int, *, layers=None, attr: str = "attn", kind: type[KVCache] = KVCache
+    ) -> list[KVCache]:
         """One KV cache per layer (``self.layers`` by default), holding up to ``max_len`` positions. Nothing is
-        allocated here: each cache grows with what is written to it, in the activations' dtype and device."""
+        allocated here: each cache grows with what is written to it, in the activations' dtype and device.
+        ``kind=SlotKVCache``: rows that are separate sequences of their own lengths (the serving engine's)."""
         caches = []
         for layer in self.layers if layers is None else layers:
             attn: Attention = getattr(layer, attr)
             caches.append(
-                KVCache(batch_size=batch_size, max_len=max_len, n_kv_heads=attn.n_kv_heads, head_dim=attn.head_dim)
+                kind(batch_size=batch_size, max_len=max_len, n_kv_heads=attn.n_kv_heads, head_dim=attn.head_dim)
             )
         return caches
 

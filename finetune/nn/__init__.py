@@ -1,6 +1,6 @@
 """From-scratch building blocks; each is small and tested on its own (tests/nn)."""
 
-from finetune.nn.attention import Attention, AttentionNames, KVCache, build_mask
+from finetune.nn.attention import Attention, AttentionNames, KVCache, SlotKVCache, build_mask
 from finetune.nn.blocks import PostNormBlock, PreNormBlock
 from finetune.nn.dropout import Dropout
 from finetune.nn.mlp import MLP, GatedMLP, activation
@@ -28,6 +28,7 @@ __all__ = [
     "RMSNorm",
     "RotaryEmbedding",
     "SinusoidalPositions",
+    "SlotKVCache",
     "T5RelativeBias",
     "activation",
     "apply_rotary",

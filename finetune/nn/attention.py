@@ -84,6 +84,68 @@ class KVCache:
         self.size = 0
 
 
+class SlotKVCache(KVCache):
+    """A KV cache whose rows are independent sequences (continuous batching): row b holds ``lengths[b]`` positions.
+
+    The first ``rows`` rows are in use (kept contiguous, so a step runs on ``k[:rows]``, a view). A request enters
+    with ``put`` (its prompt's keys and values, prefilled on their own), each decode step appends one position per
+    row with ``update`` at that row's own length, and ``drop`` frees a row by moving the last one into it. Reads
+    return ``size = max(lengths)`` positions; a row's stale positions past its length are hidden by ``mask``.
+    """
+
+    def __init__(self, *, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, dtype=None, device=None):
+        super().__init__(batch_size=batch_size, max_len=max_len, n_kv_heads=n_kv_heads, head_dim=head_dim,
+                         dtype=dtype, device=device)  # fmt: skip
+        self.rows = 0
+        self.lengths: list[int] = []  # of the rows in use
+
+    def put(self, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Adds a row holding (1, H_kv, T, D) keys and values; returns its index."""
+        if self.rows == self.batch_size:
+            raise ValueError(f"all {self.batch_size} rows of the KV cache are in use")
+        T, row = k.size(2), self.rows
+        self._reserve(T, k)
+        self.k[row, :, :T].copy_(k[0])
+        self.v[row, :, :T].copy_(v[0])
+        self.rows, self.lengths = row + 1, [*self.lengths, T]
+        self.size = max(self.lengths)
+        return row
+
+    def drop(self, row: int) -> None:
+        """Frees ``row``; the last row moves into its place (callers renumber it)."""
+        last = self.rows - 1
+        if row != last:
+            n = self.lengths[last]
+            self.k[row, :, :n].copy_(self.k[last, :, :n])
+            self.v[row, :, :n].copy_(self.v[last, :, :n])
+            self.lengths[row] = n
+        self.rows, self.lengths = last, self.lengths[:last]
+        self.size = max(self.lengths, default=0)
+
+    def mask(self, device=None) -> torch.Tensor:
+        """(rows, size + 1) bool, True where a row has a position, for a step that appends one token to each row."""
+        lengths = torch.tensor(self.lengths, device=device)[:, None]  # (rows, 1)
+        return torch.arange(self.size + 1, device=device)[None] <= lengths  # (rows, size + 1)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends (rows, H_kv, 1, D), each row at its own length; returns (rows, H_kv, size, D)."""
+        if k.size(0) != self.rows or k.size(2) != 1:
+            raise ValueError(f"a slot cache appends one token to each of its {self.rows} rows, got {tuple(k.shape)}")
+        if self.size + 1 > self.max_len:
+            raise ValueError(f"KV cache is full: a row of {self.size} tokens cannot grow past max_len {self.max_len}")
+        self._reserve(self.size + 1, k)
+        rows = torch.arange(self.rows, device=self.k.device)
+        at = torch.tensor(self.lengths, device=self.k.device)
+        self.k[rows, :, at] = k[:, :, 0]  # (rows, H_kv, D)
+        self.v[rows, :, at] = v[:, :, 0]
+        self.lengths = [n + 1 for n in self.lengths]
+        self.size = max(self.lengths)
+        return self.k[: self.rows].narrow(2, 0, self.size), self.v[: self.rows].narrow(2, 0, self.size)
+
+    def truncate(self, size: int) -> None:
+        raise NotImplementedError("a slot cache frees whole rows (drop), not positions")
+
+
 class AttentionNames(NamedTuple):
     """Projection module names, as the checkpoint calls them. ``qkv`` set means one fused projection."""
 

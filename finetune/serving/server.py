@@ -1,0 +1,87 @@
+"""``finetune serve``: loads MODEL (as ``generate`` does) beside a running uvicorn, then answers OpenAI requests.
+
+One process: uvicorn's asyncio loop in the main thread, one engine thread per served model. SIGTERM stops taking
+connections, lets the running requests finish (up to ``grace`` seconds), stops the engines and exits 0.
+"""
+
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from finetune.serving.api import Served, State, build_app
+from finetune.serving.engine import Engine
+
+
+def serve(
+    model: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    ckpt: str = "best",
+    device: str = "cpu",
+    name: str | None = None,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_queue: int = 64,
+    max_tokens_limit: int | None = None,
+    max_body_bytes: int = 1 << 20,
+    grace: float = 30.0,
+    adapters: dict[str, str] | None = None,
+) -> int:
+    """Serves ``model`` under ``name``, and each LoRA run of ``adapters`` ({name: run folder}, trained on
+    ``model``) unmerged over its weights under its own name, each in an engine (a batch) of its own."""
+    import uvicorn
+
+    for flag, value in (
+        ("--max-batch", max_batch),
+        ("--max-queue", max_queue),
+        ("--max-tokens-limit", max_tokens_limit),
+    ):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    name = name or Path(model).resolve().name
+    if name in (adapters or {}):
+        raise ValueError(f"--adapter {name}: is the served model's name; name the adapter otherwise (or use --name)")
+    state = State(name or Path(model).resolve().name, api_key=api_key, max_tokens_limit=max_tokens_limit,
+                  max_body_bytes=max_body_bytes)  # fmt: skip
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))  # before loading: a taken port fails at once
+    bound = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(build_app(state), log_level="warning", timeout_graceful_shutdown=grace, access_log=False)
+    )
+
+    def load() -> None:
+        from finetune import inference
+
+        try:
+            loaded = inference.load(model, ckpt=ckpt, device=device)
+            tuned = {n: inference.load_adapter(loaded, folder, ckpt=ckpt) for n, folder in (adapters or {}).items()}
+            served = {state.name: loaded, **tuned}
+            engines = {n: Engine(m.model, max_batch=max_batch, max_queue=max_queue, metrics=state.metrics)
+                       for n, m in served.items()}  # fmt: skip
+        except Exception as e:  # noqa: BLE001  (reported, and the server exits 2)
+            state.load_error = f"{type(e).__name__}: {e}"
+            print(f"finetune serve: error: {e}", file=sys.stderr, flush=True)
+            server.should_exit = True
+            return
+        for n, m in served.items():
+            state.models[n] = Served(m, engines[n].start())
+            print(f"finetune serve: {n} loaded ({m.source})", file=sys.stderr, flush=True)
+
+    print(f"finetune serve: listening on http://{host}:{bound}", flush=True)
+    loader = threading.Thread(target=load, name="finetune-load", daemon=True)
+    loader.start()
+    # uvicorn re-raises the signal that stopped it once it has shut down; a no-op handler lets serve return 0.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        loader.join(timeout=grace)
+        for served in state.models.values():
+            served.engine.stop(timeout=grace)
+    return 2 if state.load_error else 0

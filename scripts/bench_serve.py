@@ -1,0 +1,205 @@
+"""Benchmark ``finetune serve`` under load, side by side with what a user would otherwise run, on one model folder.
+
+    python scripts/bench_serve.py [--model HF_FOLDER] [--tokens 32] [--requests 16] [--levels 1 2 4 8] [--no-hf]
+
+Traffic goes to 127.0.0.1 only. Every request asks for exactly ``--tokens`` tokens (the benchmark's copy of the
+model has no EOS, so no request ends early), streamed through the ``openai`` async client; each concurrency level
+sends ``--requests`` requests. Rows: offline ``finetune generate`` one prompt at a time (inference.complete, what the
+command runs), ``finetune serve`` (continuous batching, --max-batch 8), ``finetune serve --max-batch 1`` (what
+batching buys), and ``transformers serve`` on the same folder. Default model: a random LLaMA of the quickstart's
+shape (1M parameters) with the quickstart tokenizer.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "Once upon a time"
+
+
+def model_folder(src: str | None, out: Path) -> Path:
+    """A copy of ``src`` (or the quickstart-shaped random LLaMA) without EOS ids, so every request runs to N."""
+    import torch
+    import transformers as T
+
+    if src:
+        shutil.copytree(src, out)
+    else:
+        tok = T.AutoTokenizer.from_pretrained(ROOT / "recipes/data/quickstart/tokenizer")
+        config = T.LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                               tie_word_embeddings=True)  # fmt: skip
+        torch.manual_seed(0)
+        T.LlamaForCausalLM(config).save_pretrained(out)
+        tok.save_pretrained(out)
+    for name in ("config.json", "generation_config.json"):
+        f = out / name
+        if f.is_file():
+            d = json.loads(f.read_text())
+            d["eos_token_id"] = None
+            f.write_text(json.dumps(d))
+    return out
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def row(name: str, level: int, wall: float, results: list[dict], errors: int) -> dict:
+    ttft = [r["ttft"] for r in results]
+    itl = [x for r in results for x in r["itl"]]
+    tokens = sum(r["tokens"] for r in results)
+    return {"server": name, "concurrency": level, "req/s": len(results) / wall, "tok/s": tokens / wall,
+            "ttft": [pct(ttft, q) for q in (50, 90, 99)], "itl": [pct(itl, q) for q in (50, 90, 99)],
+            "errors": errors, "tokens": tokens}  # fmt: skip
+
+
+def offline(folder: Path, n: int, requests: int) -> dict:
+    """``finetune generate`` one prompt at a time, timed per token through its streamer."""
+    from finetune import inference
+
+    loaded = inference.load(folder)
+    sampling = inference.Sampling(n, 0.0, None, None, 0)
+    inference.complete(loaded, PROMPT, sampling)  # warm-up
+    results, t0 = [], time.perf_counter()
+    for _ in range(requests):
+        times, start = [], time.perf_counter()
+        inference.complete(loaded, PROMPT, sampling, streamer=lambda _, t=times: t.append(time.perf_counter()))
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        results.append({"ttft": times[0] - start, "itl": gaps, "tokens": len(times)})
+    return row("offline finetune generate", 1, time.perf_counter() - t0, results, 0)
+
+
+def start(cmd: list[str], url_of, health: str, timeout: float = 300):
+    import httpx
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = url_of(proc)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[:3]} exited: {proc.stdout.read()[-2000:]}")
+        try:
+            if httpx.get(url + health, timeout=5).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"{cmd[:3]} did not come up in {timeout}s")
+
+
+def stop(proc) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+async def level(url: str, model: str, n: int, requests: int, concurrency: int) -> tuple[float, list[dict], int]:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", timeout=300, max_retries=0)
+    sem, results, errors = asyncio.Semaphore(concurrency), [], 0
+
+    async def one() -> None:
+        nonlocal errors
+        async with sem:
+            start, times, usage = time.perf_counter(), [], None
+            try:
+                stream = await client.completions.create(
+                    model=model, prompt=PROMPT, max_tokens=n, temperature=0, stream=True,
+                    stream_options={"include_usage": True},
+                )  # fmt: skip
+                async for chunk in stream:
+                    if chunk.choices and chunk.choices[0].text:
+                        times.append(time.perf_counter())
+                    if chunk.usage is not None:
+                        usage = chunk.usage.completion_tokens
+            except Exception:  # noqa: BLE001  (counted)
+                errors += 1
+                return
+            if not times:
+                errors += 1
+                return
+            gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+            results.append({"ttft": times[0] - start, "itl": gaps, "tokens": usage or len(times)})
+
+    await asyncio.gather(*(one() for _ in range(min(concurrency, 2))))  # warm-up
+    results.clear()
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(requests)))
+    await client.close()
+    return time.perf_counter() - t0, results, errors
+
+
+def ours_url(proc) -> str:
+    line = proc.stdout.readline()
+    return "http://127.0.0.1:" + re.search(r":(\d+)\s*$", line).group(1)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="a Hugging Face folder (default: a random quickstart-shaped LLaMA)")
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--no-hf", action="store_true", help="leave out transformers serve")
+    p.add_argument("--json", help="also write the rows here")
+    args = p.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = model_folder(args.model, Path(tmp) / "model")
+        rows.append(offline(folder, args.tokens, args.requests))
+        servers = [
+            ("finetune serve", [sys.executable, "-m", "finetune.cli", "serve", str(folder), "--port", "0",
+                                "--name", "m", "--max-batch", "8"], ours_url, "m"),
+            ("finetune serve --max-batch 1", [sys.executable, "-m", "finetune.cli", "serve", str(folder), "--port",
+                                              "0", "--name", "m", "--max-batch", "1"], ours_url, "m"),
+        ]  # fmt: skip
+        if not args.no_hf:
+            port = 18000 + os.getpid() % 1000
+            hf = ["transformers", "serve", str(folder), "--host", "127.0.0.1", "--port", str(port)]
+            servers.append(("transformers serve", hf, lambda _p, port=port: f"http://127.0.0.1:{port}", str(folder)))
+        for name, cmd, url_of, model in servers:
+            try:
+                proc, url = start(cmd, url_of, "/health")
+            except (RuntimeError, AttributeError) as e:
+                print(f"{name}: could not start ({e})", file=sys.stderr)
+                continue
+            try:
+                for c in args.levels:
+                    wall, results, errors = asyncio.run(level(url, model, args.tokens, args.requests, c))
+                    rows.append(row(name, c, wall, results, errors))
+                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            finally:
+                stop(proc)
+    ms = lambda xs: "/".join(f"{1000 * x:.1f}" for x in xs)  # noqa: E731
+    print("| server | concurrency | req/s | output tok/s | TTFT p50/p90/p99 ms | ITL p50/p90/p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['server']} | {r['concurrency']} | {r['req/s']:.2f} | {r['tok/s']:.0f} | {ms(r['ttft'])} | "
+              f"{ms(r['itl'])} | {r['errors']} |")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
