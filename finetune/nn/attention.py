@@ -50,7 +50,9 @@ class KVCache:
         dtype = self.dtype or (like.dtype if self.k is None else self.k.dtype)
         device = self.device or (like.device if self.k is None else self.k.device)
         shape = (self.batch_size, self.n_kv_heads, capacity, self.head_dim)
-        k, v = torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
+        # Zeros, not empty: a slot cache's shorter rows read positions they never wrote (masked out), and masking
+        # does not survive NaN or inf there (a NaN score stays NaN; a zero weight times a NaN value is NaN).
+        k, v = torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
         if self.size:  # what is kept; stale entries past `size` (after a truncate) are not worth copying
             k.narrow(2, 0, self.size).copy_(self.k.narrow(2, 0, self.size))
             v.narrow(2, 0, self.size).copy_(self.v.narrow(2, 0, self.size))

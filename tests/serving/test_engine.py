@@ -111,3 +111,35 @@ def test_full_queue_is_refused(loaded):
     engine.submit(r())
     with pytest.raises(QueueFull, match="1 requests waiting"):
         engine.submit(r())
+
+
+def test_slot_cache_rows_read_only_finite_values_where_they_never_wrote():
+    """A shorter row reads (masked) positions it never wrote; masking can't hide NaN there, so the buffers must
+    start finite. Memory just freed with NaN in it is what a fresh ``torch.empty`` would likely reuse."""
+    for _ in range(20):
+        poison = torch.full((1, 1, 64, 8), float("nan"))
+        del poison
+        c = SlotKVCache(batch_size=4, max_len=64, n_kv_heads=1, head_dim=8)
+        for n in (3, 17, 5):
+            c.put(torch.ones(1, 1, n, 8), torch.ones(1, 1, n, 8))
+        c.drop(1)
+        c.put(torch.ones(1, 1, 40, 8), torch.ones(1, 1, 40, 8))  # grows the buffers
+        k, v = c.update(torch.ones(3, 1, 1, 8), torch.ones(3, 1, 1, 8))
+        assert torch.isfinite(k).all() and torch.isfinite(v).all()
+
+
+def test_requests_arriving_one_by_one_beside_running_ones_all_finish(loaded):
+    """Staggered arrivals: each new row joins running rows of other lengths (the case that read NaN garbage)."""
+    engine = Engine(loaded.model, max_batch=8, max_queue=64).start()
+    events: queue.Queue = queue.Queue()
+    try:
+        for round_ in range(4):
+            for i, p in enumerate(PROMPTS[:5]):
+                emit = lambda e, i=i: ("finish_reason" in e or "error" in e) and events.put(e)  # noqa: E731
+                sampling = SamplingConfig(max_new_tokens=6, temperature=1.0, seed=round_ * 10 + i)
+                engine.submit(Request(loaded.encode(p), sampling, [], TextOut(loaded.tokenizer, []), emit))
+                time.sleep(0.003 * i)
+            finished = [events.get(timeout=60) for _ in range(5)]
+            assert all("finish_reason" in e for e in finished), finished
+    finally:
+        engine.stop(timeout=10)
