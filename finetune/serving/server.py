@@ -14,6 +14,17 @@ from finetune.serving.api import Served, State, build_app
 from finetune.serving.engine import Engine
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's bound TCP socket. It names IPPROTO_TCP and sets TCP_NODELAY (accepted connections inherit it):
+    asyncio sets NODELAY only on sockets whose proto is IPPROTO_TCP, and without it Nagle holds a response's body
+    until the client's delayed ACK of its headers, 40 ms on every keep-alive request and stream chunk."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    return sock
+
+
 def serve(
     model: str,
     *,
@@ -46,9 +57,7 @@ def serve(
         raise ValueError(f"--adapter {name}: is the served model's name; name the adapter otherwise (or use --name)")
     state = State(name or Path(model).resolve().name, api_key=api_key, max_tokens_limit=max_tokens_limit,
                   max_body_bytes=max_body_bytes)  # fmt: skip
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))  # before loading: a taken port fails at once
+    sock = listening_socket(host, port)  # before loading: a taken port fails at once
     bound = sock.getsockname()[1]
     server = uvicorn.Server(
         uvicorn.Config(build_app(state), log_level="warning", timeout_graceful_shutdown=grace, access_log=False)

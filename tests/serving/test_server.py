@@ -331,3 +331,22 @@ def test_soak_mixed_requests_all_answered_and_memory_flat(server, loaded, model_
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert after - before < 30_000, (before, after)  # KiB
+
+
+def test_accepted_connections_send_without_nagle():
+    """Each response is written in pieces (headers, body, stream chunks); with Nagle on, every piece after the first
+    waited for the client's delayed ACK (40 ms per keep-alive request, measured before the fix)."""
+    import socket
+
+    from finetune.serving.server import listening_socket
+
+    sock = listening_socket("127.0.0.1", 0)
+    try:
+        sock.listen(1)
+        assert sock.proto == socket.IPPROTO_TCP  # what asyncio checks before it sets NODELAY itself
+        client = socket.create_connection(sock.getsockname(), timeout=10)
+        accepted, _ = sock.accept()
+        with client, accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        sock.close()
