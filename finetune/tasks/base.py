@@ -20,6 +20,7 @@ from finetune.data.collate import pad_id
 from finetune.models import from_config, from_hf
 from finetune.models.base import Backbone
 from finetune.models.hub import explain_unreadable_weights, family_of, skeleton
+from finetune.parallel import tensor_parallel_size
 from finetune.tasks.accumulation import TokenWindow, reaches_gradients, scale_gradients
 from finetune.tasks.metrics import MetricSpec, load_summed_states, summed_states
 from finetune.tasks.optim import Schedule, adamw, lr_lambda, param_groups, warmup_steps
@@ -228,6 +229,18 @@ class Task(L.LightningModule):
             # Tensor parallelism first, then FSDP2 over the data-parallel dimension: TP x FSDP2 (2D) composes.
             apply_tensor_parallel(self.model, self.device_mesh, adapter=self.adapter_spec is not None)
             _fully_shard(self.model, self.device_mesh)
+            if tensor_parallel_size(self.device_mesh) > 1:  # tensor-parallel ranks see the same rows: count them once
+                group = self.device_mesh["data_parallel"].get_group()
+                for collection in self.stage_metrics.values():
+                    for _, metric in collection.items(keep_base=True):
+                        metric.process_group = group
+
+    @property
+    def data_parallel_rank(self) -> int:
+        """This process's rank among those that see different data (tensor-parallel ranks share theirs)."""
+        if tensor_parallel_size(self.device_mesh) > 1:
+            return self.device_mesh["data_parallel"].get_local_rank()
+        return self.global_rank
 
     # ----------------------------------------------------------------------------------------- metrics
     def num_classes(self) -> int:
@@ -313,7 +326,7 @@ class Task(L.LightningModule):
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         saved, self._resumed_train_metrics = getattr(self, "_resumed_train_metrics", None), None
         if saved and tuple(saved["position"]) == (self.current_epoch, self.global_step):
-            load_summed_states(self.metrics("train"), saved["states"], primary=self.global_rank == 0)
+            load_summed_states(self.metrics("train"), saved["states"], primary=self.data_parallel_rank == 0)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.update_metrics("val", self.step(batch, "val", batch_idx))

@@ -64,6 +64,14 @@ class SaveLocalShapes(Callback):
         heads = [[m.n_heads, m.n_kv_heads] for m in pl_module.modules() if hasattr(m, "n_kv_heads")]
         Path(self.folder, f"shapes-{trainer.global_rank}.json").write_text(json.dumps([shapes, heads]))
 
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        # The epoch loss's token count, synced (a collective: every rank calls it): tensor-parallel ranks share
+        # their rows, so they must count them once.
+        loss = pl_module.metrics("train")["train/loss"]
+        with loss.sync_context(should_unsync=True):
+            tokens = float(loss.weight)
+        Path(self.folder, f"tokens-{trainer.global_rank}.json").write_text(json.dumps(tokens))
+
 
 def _config(folder, stand_in, arch: str, *, callbacks=(), **model) -> str:
     data = write_jsonl(folder / "train.jsonl", cyclic_text(8, length=10))
@@ -87,7 +95,8 @@ def _sample(out: str) -> str:
 def test_tensor_parallel_equals_one_process(arch, tmp_path, stand_in, capsys):
     one, tp = tmp_path / "one", tmp_path / "tp"
     one.mkdir(), tp.mkdir()
-    fit(_config(one, stand_in, arch))
+    counted = {"class_path": "tests.tasks.test_tensor_parallel.SaveLocalShapes", "init_args": {"folder": str(one)}}
+    fit(_config(one, stand_in, arch, callbacks=[counted]))
     one_sample = _sample(capsys.readouterr().out)
     shapes = {"class_path": "tests.tasks.test_tensor_parallel.SaveLocalShapes", "init_args": {"folder": str(tp)}}
     dp = DP[arch]
@@ -100,6 +109,7 @@ def test_tensor_parallel_equals_one_process(arch, tmp_path, stand_in, capsys):
         local, heads = json.loads((tp / f"shapes-{rank}.json").read_text())
         assert {k: local[k] for k in expected} == expected
         assert heads == [[2, 1] if arch == "llama" else [2, 2]] * 2
+        assert json.loads((tp / f"tokens-{rank}.json").read_text()) == json.loads((one / "tokens-0.json").read_text())
 
     one_loss, tp_loss = logged(one / "run", "train/loss_step"), logged(tp / "run", "train/loss_step")
     assert sorted(one_loss) == list(range(STEPS)) and len(set(one_loss.values())) == STEPS  # the model learns
