@@ -18,6 +18,8 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
+from finetune.parallel import tensor_parallel_size
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file beside the target, syncs it to disk, then renames it over the
@@ -136,8 +138,6 @@ class TokensPerSecond(L.Callback):
         if (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) or trainer.global_step == 0:
             return
         elapsed = time.perf_counter() - self._t0
-        from finetune.parallel import tensor_parallel_size
-
         replicas = trainer.world_size // tensor_parallel_size(getattr(pl_module, "device_mesh", None))
         rate = self._tokens / max(elapsed, 1e-9) * replicas  # data-parallel ranks see equal-size shards
         pl_module.log("train/tokens_per_s", rate, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)

@@ -170,11 +170,13 @@ def export_command(argv: list[str]) -> int:
     return 0
 
 
-def _model_args(parser: argparse.ArgumentParser) -> None:
-    """MODEL and how to load it, for generate, chat and serve (loading options, such as quantization, go here)."""
+def _model_args(parser: argparse.ArgumentParser, *, device: bool = True) -> None:
+    """MODEL and how to load it, for every command that loads one (loading options, such as quantization, go here);
+    ``device``: also ``--device`` (the commands that run the model)."""
     parser.add_argument("model", metavar="MODEL", help="a run folder (its best checkpoint) or a Hugging Face folder")
     parser.add_argument("--ckpt", default="best", help="of a run folder: best (default), last, or a checkpoint path")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
+    if device:
+        parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -220,8 +222,7 @@ def quantize_command(argv: list[str]) -> int:
         description="Write a model (a run folder or a Hugging Face folder) with weight-only int8 or int4 weights: a "
         "folder that `finetune generate|chat` load quantized as saved. Written beside DIR and renamed at the end.",
     )
-    parser.add_argument("model", metavar="MODEL", help="a run folder (its best checkpoint) or a Hugging Face folder")
-    parser.add_argument("--ckpt", default="best", help="of a run folder: best (default), last, or a checkpoint path")
+    _model_args(parser, device=False)
     parser.add_argument("--bits", type=int, choices=[8, 4], required=True)
     parser.add_argument("--group-size", type=int, default=None, help="4 bits: inputs per scale (32 default, 64, 128)")
     parser.add_argument("--quantize-head", action="store_true", help="also quantize the output projection")
@@ -253,8 +254,7 @@ def attention_command(argv: list[str]) -> int:
         description="Attention maps of a from-scratch model on one prompt: DIR/layer_N.png (a heat map per head, "
         "tokens on the axes) and DIR/attention.npz (the weights, (heads, tokens, tokens) per layer).",
     )
-    parser.add_argument("model", metavar="MODEL", help="a run folder (its best checkpoint) or a Hugging Face folder")
-    parser.add_argument("--ckpt", default="best", help="of a run folder: best (default), last, or a checkpoint path")
+    _model_args(parser, device=False)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=None,
                         metavar="I,J,...", help="layer numbers (default: all)")  # fmt: skip

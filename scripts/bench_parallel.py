@@ -94,20 +94,11 @@ def worker(a) -> None:
     steps = bench_train.Steps(argparse.Namespace(**{**vars(a), "device": "cpu"}), _Solo())
     steps.meter = LocalPeak("cpu")
 
-    class Measure(L.Callback):
-        def on_train_batch_start(self, trainer, module, batch, i) -> None:
-            steps.state = lambda: (module, trainer.optimizers[0])
-            steps.begin(i, module, trainer.optimizers[0])
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, i) -> None:
-            if i == a.warmup + a.steps:
-                steps.end(i)
-
     strategy = ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp) if n > 1 else "auto"
     trainer = L.Trainer(
         accelerator="cpu", devices=n, strategy=strategy, max_steps=a.warmup + a.steps + 1, logger=False,
         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
-        limit_val_batches=0, use_distributed_sampler=False, callbacks=[Measure()],
+        limit_val_batches=0, use_distributed_sampler=False, callbacks=[bench_train.measure(a, steps)],
     )  # fmt: skip
     data = [_rank_batch(b, rank // tp, dp) for b in bench_train.finetune_batches(a)]
     loader = DataLoader([data[i % len(data)] for i in range(a.warmup + a.steps + 1)], batch_size=None)

@@ -205,12 +205,9 @@ class Steps:
         return {"step_s": self.times, "peak": self.peak, "matmul_params": matmul_params(model)}
 
 
-def run_lightning(a, steps: Steps, folder: str, backend: str) -> dict:
-    """(a)/(b): the CausalLM task under the Lightning Trainer; the callback times each loop iteration."""
+def measure(a, steps: Steps):
+    """A Lightning callback that times each loop iteration into ``steps`` (and measures the last one's memory)."""
     import lightning.pytorch as L
-    from torch.utils.data import DataLoader
-
-    from finetune.tasks import CausalLM
 
     class Measure(L.Callback):
         def on_train_batch_start(self, trainer, module, batch, i) -> None:
@@ -221,12 +218,22 @@ def run_lightning(a, steps: Steps, folder: str, backend: str) -> dict:
             if i == a.warmup + a.steps:
                 steps.end(i)
 
+    return Measure()
+
+
+def run_lightning(a, steps: Steps, folder: str, backend: str) -> dict:
+    """(a)/(b): the CausalLM task under the Lightning Trainer; the callback times each loop iteration."""
+    import lightning.pytorch as L
+    from torch.utils.data import DataLoader
+
+    from finetune.tasks import CausalLM
+
     task = CausalLM(pretrained=folder, backend=backend, adapter=MODES[a.mode], lr=1e-4, compile=a.compile)
     trainer = L.Trainer(
         accelerator="gpu" if a.device == "cuda" else "cpu", devices=1, max_steps=a.warmup + a.steps + 1,
         precision="bf16-true" if a.dtype == "bf16" else "32-true", logger=False, enable_checkpointing=False,
         enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0,
-        callbacks=[Measure()],
+        callbacks=[measure(a, steps)],
     )  # fmt: skip
     data = finetune_batches(a)
     loader = DataLoader([data[i % len(data)] for i in range(a.warmup + a.steps + 1)], batch_size=None)

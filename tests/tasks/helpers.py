@@ -115,6 +115,37 @@ def cli_subprocess(*args: str, **kwargs) -> subprocess.Popen:
     )
 
 
+def fit_killed_mid_run(config: str, run: Path, min_step: int) -> int:
+    """Runs ``fit --config`` in a subprocess and SIGKILLs it once ``run``'s ``last.ckpt`` holds step ``min_step``
+    or later and that step's loss is logged (it is logged just after the checkpoint is written; a kill in between
+    would lose that one row). Returns the killed run's checkpointed step."""
+    import signal
+    import time
+
+    last = run / "checkpoints" / "last.ckpt"
+    proc = cli_subprocess("fit", "--config", config)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            step = torch.load(last, weights_only=False)["global_step"] if last.exists() else 0
+            if step >= min_step and step - 1 in _logged_now(run):
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return torch.load(last, weights_only=False)["global_step"]
+
+
+def _logged_now(run: Path) -> dict:
+    try:
+        return logged(run, "train/loss_step")
+    except (FileNotFoundError, KeyError):
+        return {}
+
+
 class SaveGrads(Callback):
     """Writes ``{optimizer step: {parameter: gradient}}`` to ``path`` at the end of fit (rank 0): each step's
     gradients as the optimizer saw them (they stay until the next window's first micro-batch zeroes them)."""

@@ -206,11 +206,7 @@ def test_reference_weights_bitwise_unchanged_by_training(stand_in, tmp_path, ref
 def test_resume_after_sigkill_equals_straight_run(tmp_path, stand_in):
     """Full fine-tuning against a frozen copy: killed mid-epoch and resumed, the weights and step losses equal an
     uninterrupted run's (the copy is rebuilt from the pretrained weights, not from the checkpoint)."""
-    import signal
-    import time
-
-    from tests.tasks.helpers import cli_subprocess, weights
-    from tests.tasks.test_resume import _logged_now
+    from tests.tasks.helpers import fit_killed_mid_run, weights
 
     n = 6
     rows = [{**r, "prompt": r["prompt"] + f" {i}"} for i, r in enumerate(PAIRS * 3)]  # 12 pairs: 6 batches
@@ -225,21 +221,7 @@ def test_resume_after_sigkill_equals_straight_run(tmp_path, stand_in):
 
     straight, killed = make("straight"), make("killed")
     fit(straight)
-    last = tmp_path / "killed/run/checkpoints/last.ckpt"
-    proc = cli_subprocess("fit", "--config", killed)
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline:
-            step = torch.load(last, weights_only=False)["global_step"] if last.exists() else 0
-            if step >= n // 2 and step - 1 in _logged_now(tmp_path / "killed/run"):
-                break
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert n // 2 <= torch.load(last, weights_only=False)["global_step"] < n + 4
+    assert n // 2 <= fit_killed_mid_run(killed, tmp_path / "killed/run", n // 2) < n + 4
     fit(killed, "--ckpt_path", "last")
     wa, wb = (weights(tmp_path / k / "run/checkpoints/last.ckpt") for k in ("straight", "killed"))
     assert wa.keys() == wb.keys()

@@ -1,16 +1,13 @@
 """Resume: N steps straight equal N/2 + resume + N/2 (weights within 1e-6, same logged losses), after a clean stop
 and after SIGKILL mid-run; and checkpoints are replaced atomically."""
 
-import signal
-import time
-
 import lightning.pytorch as L
 import pytest
 import torch
 
 from finetune.callbacks import AtomicCheckpointIO
 from finetune.cli import FinetuneCLI
-from tests.tasks.helpers import TINY_LLAMA, cli_subprocess, cyclic_text, fit, logged, recipe, weights, write_jsonl
+from tests.tasks.helpers import TINY_LLAMA, cyclic_text, fit, fit_killed_mid_run, logged, recipe, weights, write_jsonl
 
 N = 12  # optimizer steps; an epoch has 16 batches, so every stop is mid-epoch
 
@@ -68,36 +65,13 @@ def test_resume_after_sigkill_equals_straight_run(tmp_path, tokenizer_folder):
     straight = _recipe(tmp_path, tokenizer_folder, "straight")
     fit(straight)
     killed = _recipe(tmp_path, tokenizer_folder, "killed")
-    last = tmp_path / "killed/run/checkpoints/last.ckpt"
-    proc = cli_subprocess("fit", "--config", killed)
-    deadline = time.time() + 120
-    try:
-        # Kill once a mid-run checkpoint exists and the loss of its last step is logged (it is logged just after
-        # the checkpoint is written; a kill in between would lose that one row).
-        while time.time() < deadline:
-            step = torch.load(last, weights_only=False)["global_step"] if last.exists() else 0
-            if step >= N // 2 and step - 1 in _logged_now(tmp_path / "killed/run"):
-                break
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    step = torch.load(last, weights_only=False)["global_step"]
+    step = fit_killed_mid_run(killed, tmp_path / "killed/run", N // 2)
     assert N // 2 <= step < N
     fit(killed, "--ckpt_path", "last")
     _assert_same_run(tmp_path / "straight" / "run", tmp_path / "killed" / "run")
     # The epoch-level loss covers the steps before the kill too (its metric state is in the checkpoint).
     ea, eb = (logged(tmp_path / name / "run", "train/loss") for name in ("straight", "killed"))
     assert list(ea) == [N - 1] and eb == pytest.approx(ea, abs=1e-6)
-
-
-def _logged_now(run) -> dict:
-    try:
-        return logged(run, "train/loss_step")
-    except (FileNotFoundError, KeyError):
-        return {}
 
 
 def test_fit_refuses_a_run_folder_with_checkpoints(tmp_path, tokenizer_folder):
