@@ -13,28 +13,31 @@ from typing import Any
 
 import torch
 import yaml
-from peft import IA3Config, LoraConfig
-from peft.tuners.tuners_utils import check_target_module_exists
-from peft.utils.constants import (
-    TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
-    TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
-    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
-)
 from torch import nn
 
 from finetune.bundled import adapters_dir
 from finetune.nn.dropout import speed_up_dropout
 
-# method -> (peft config class, fields it implies, peft's default targets by model type)
+# method -> (peft config class, fields it implies, peft's default targets by model type), named: peft is imported
+# on first use (``peft_method``), so that opening a run without an adapter (``finetune generate``) does not import it
 METHODS = {
-    "lora": (LoraConfig, {}, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING),
-    "dora": (LoraConfig, {"use_dora": True}, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING),
-    "rslora": (LoraConfig, {"use_rslora": True}, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING),
-    "ia3": (IA3Config, {}, TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING),
+    "lora": ("LoraConfig", {}, "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING"),
+    "dora": ("LoraConfig", {"use_dora": True}, "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING"),
+    "rslora": ("LoraConfig", {"use_rslora": True}, "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING"),
+    "ia3": ("IA3Config", {}, "TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING"),
 }
 QUANTIZE = (None, "nf4")
 # peft fields we set from the model (resolved names, layouts), not from a preset
 DERIVED = {"fan_in_fan_out", "base_model_name_or_path", "task_type", "peft_type", "revision", "inference_mode"}
+
+
+def peft_method(method: str) -> tuple[type, dict, dict]:
+    """``METHODS[method]`` with peft's objects: (config class, implied fields, default targets by model type)."""
+    import peft
+    from peft.utils import constants
+
+    cls, implied, targets = METHODS[method]
+    return getattr(peft, cls), implied, getattr(constants, targets)
 
 
 @dataclass(frozen=True)
@@ -48,20 +51,20 @@ class AdapterSpec:
 
     @property
     def config_cls(self) -> type:
-        return METHODS[self.method][0]
+        return peft_method(self.method)[0]
 
     def peft_config(self, **overrides):
-        return self.config_cls(**{**METHODS[self.method][1], **self.fields, **overrides})
+        return self.config_cls(**{**peft_method(self.method)[1], **self.fields, **overrides})
 
     def resolved_config(self, **names):
         """The peft config with explicit module ``names``; the fields that only guide matching are dropped, as the
         names were matched already (``resolve``)."""
         matching = ("layers_to_transform", "layers_pattern", "exclude_modules")
         fields = {k: v for k, v in self.fields.items() if k not in matching}
-        return self.config_cls(**{**METHODS[self.method][1], **fields, **names})
+        return self.config_cls(**{**peft_method(self.method)[1], **fields, **names})
 
     def default_targets(self, model_type: str) -> list[str]:
-        targets = METHODS[self.method][2].get(model_type)
+        targets = peft_method(self.method)[2].get(model_type)
         if targets is None:
             raise ValueError(f"{self.source}: no default target_modules for model_type {model_type!r}; set them")
         return list(targets)
@@ -105,7 +108,7 @@ def load_spec(adapter: str | dict) -> AdapterSpec:
     quantize = fields.pop("quantize", None)
     if quantize not in QUANTIZE:
         raise ValueError(f"{source}: `quantize` must be one of {list(QUANTIZE)}, got {quantize!r}")
-    config_cls = METHODS[method][0]
+    config_cls = peft_method(method)[0]
     known = {f.name for f in dataclasses.fields(config_cls) if f.init} - DERIVED
     if unknown := sorted(set(fields) - known):
         where = source if not set(unknown) & set(overrides) else "model.adapter"
@@ -201,6 +204,9 @@ class Resolved:
 
 def resolve(model: nn.Module, spec: AdapterSpec, model_type: str, heads: list[str]) -> Resolved:
     """Matches the spec's names (HF names) against the model; ``heads`` (HF names) are new modules to train."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
+
     names = hf_names(model)
     fields = dict(spec.fields)
     mts = [*(fields.get("modules_to_save") or []), *heads]

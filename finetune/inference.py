@@ -92,7 +92,7 @@ def _load_run(folder: Path, ckpt: str) -> Loaded:
     from finetune.models.hub import from_state
     from finetune.runs import GENERATING, load_run, merged_state
 
-    run = load_run(folder, ckpt)
+    run = load_run(folder, ckpt, for_generation=True)  # no Lightning, and peft only for an adapter
     task = run.task
     if task.auto_class not in GENERATING:
         raise ValueError(f"{folder}: a {type(task).__name__} run does not generate text; give a causal LM or "
@@ -100,7 +100,7 @@ def _load_run(folder: Path, ckpt: str) -> Loaded:
     if not (folder / "tokenizer").is_dir():
         raise FileNotFoundError(f"{folder}: no tokenizer/ folder (written when a fit starts); not a complete run")
     config, state = merged_state(run)  # the adapter merged per layer, as in export
-    return _run_loaded(run, from_state(config.to_dict(), state, where=str(run.ckpt)))
+    return _run_loaded(run, from_state(config, state, where=str(run.ckpt)))
 
 
 def _run_loaded(run, model: Backbone) -> Loaded:
@@ -123,7 +123,7 @@ def load_adapter(base: Loaded, path: str | Path, *, ckpt: str = "best") -> Loade
     from finetune.models.hub import resolve
     from finetune.runs import adapter_model, load_run
 
-    run = load_run(path, ckpt)
+    run = load_run(path, ckpt, for_generation=True)
     pretrained = run.task.hparams.pretrained
     if pretrained is None or resolve(pretrained).resolve() != Path(base.source).resolve():
         raise ValueError(f"--adapter {path}: trained on {pretrained}, not on the served model {base.source}; an "

@@ -8,18 +8,22 @@ the run's checkpoint, for what trained) and merged with its adapter by peft's ow
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from finetune.adapters import checkpoint_weights, hf_layout
+from finetune.model_spec import GENERATING_TASKS, GeneratingSpec, ModelSpec, check_plain
 from finetune.models.base import Backbone
 from finetune.models.hub import _family_of_model, _is_tied, hf_config, resolve
 from finetune.sharded import read_sharded_checkpoint
-from finetune.tasks import Task, plain_hparams, task_class
+
+if TYPE_CHECKING:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from finetune.tasks import Task
 
 GENERATING = ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM")  # the HF classes of tasks that write text
 
@@ -27,14 +31,15 @@ GENERATING = ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM")  # the HF classes
 # ------------------------------------------------------------------------------------------ the run
 @dataclass
 class Run:
-    """A trained run: its task (rebuilt from the checkpoint's hyperparameters) and the checkpoint."""
+    """A trained run: its task (rebuilt from the checkpoint's hyperparameters) and the checkpoint. ``task`` is the
+    LightningModule, or only its model side (``GeneratingSpec``) for a run opened ``for_generation``."""
 
     folder: Path
     ckpt: Path
     checkpoint: dict
-    task: Task
+    task: ModelSpec
 
-    def load_model(self) -> Task:
+    def load_model(self) -> "Task":
         """The task with its trained model (base + adapter + trained weights), in eval mode, on CPU."""
         self.task.configure_model()
         state = self.checkpoint["state_dict"]
@@ -77,14 +82,22 @@ def _model_class_path(config_file: Path) -> object:
     return model["class_path"]
 
 
-def load_run(run_dir: str | Path, ckpt: str = "best") -> Run:
+def load_run(run_dir: str | Path, ckpt: str = "best", *, for_generation: bool = False) -> Run:
     """A run folder's task, rebuilt from its checkpoint. The folder is untrusted: only the toolkit's registered
-    task classes are built (``task_class``), from the checkpoint's plain-data hyperparameters (``plain_hparams``)."""
+    task classes are built (``task_class``), from the checkpoint's plain-data hyperparameters (``plain_hparams``).
+
+    ``for_generation``: a generating task's run (``GENERATING_TASKS``) gets only the model side of its task
+    (``GeneratingSpec``), which imports no Lightning; other runs get their task as without it."""
     run = Path(run_dir)
     config_file = run / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"{run}: not a run folder (no config.yaml); give the trainer.default_root_dir of a fit")
-    cls = task_class(_model_class_path(config_file), where=str(config_file))  # a registered task, or refused
+    class_path = _model_class_path(config_file)
+    light = for_generation and class_path in GENERATING_TASKS
+    if not light:
+        from finetune.tasks import task_class
+
+        cls = task_class(class_path, where=str(config_file))  # a registered task, or refused
     path = checkpoint_path(run, ckpt)
     try:
         if path.is_dir():  # FSDP2's distributed checkpoint: consolidated through DCP
@@ -95,9 +108,16 @@ def load_run(run_dir: str | Path, ckpt: str = "best") -> Run:
         raise ValueError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}  # LightningCLI's own entries
+    tokenizer = str(run / "tokenizer") if (run / "tokenizer").is_dir() else None  # as saved at fit start
+    if light:
+        for key, value in hparams.items():
+            check_plain(value, f"{path}: hyper_parameters.{key}")
+        return Run(run, path, checkpoint, GeneratingSpec(class_path, hparams, tokenizer))
+    from finetune.tasks import plain_hparams
+
     hparams = plain_hparams(hparams, cls, where=str(path))
-    if (run / "tokenizer").is_dir():
-        hparams["tokenizer"] = str(run / "tokenizer")  # as saved at fit start
+    if tokenizer is not None:
+        hparams["tokenizer"] = tokenizer
     task = cls(**hparams)
     if "label_names" in checkpoint:
         task.label_names = list(checkpoint["label_names"])
@@ -105,7 +125,7 @@ def load_run(run_dir: str | Path, ckpt: str = "best") -> Run:
 
 
 # ------------------------------------------------------------------------------------------ merged in memory
-def base_weights(task: Task, model: nn.Module):
+def base_weights(task: ModelSpec, model: nn.Module):
     if task.hparams.pretrained is None:  # a full fine-tune from random weights: everything is in the checkpoint
         return {}
     return checkpoint_weights(resolve(task.hparams.pretrained), model)
@@ -127,6 +147,7 @@ class Values:
         self.base = base_weights(run.task, plain)
         self.to_hf = {n: (h, t) for n, h, t in hf_layout(plain)}
         spec = run.task.adapter_spec
+        self.tuner_layer, self.saved_module = _peft_wrappers() if spec is not None else ((), ())
         self.roundtrip = merge and spec is not None and spec.quantize == "nf4"  # what the QLoRA run computed with
         self._merged: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -143,9 +164,9 @@ class Values:
     def __call__(self, name: str) -> torch.Tensor:
         owner, _, pname = name.rpartition(".")
         module = self.model.get_submodule(owner) if owner else self.model
-        if isinstance(module, BaseTunerLayer):
+        if isinstance(module, self.tuner_layer):
             return self._merged_layer(owner, module).pop(pname)
-        if isinstance(module, ModulesToSaveWrapper):
+        if isinstance(module, self.saved_module):
             if self.merge:
                 return module.modules_to_save["default"].state_dict()[pname]
             return self.base_tensor(name)
@@ -158,7 +179,7 @@ class Values:
         t = self(name)
         return t.t() if transposed else t
 
-    def _merged_layer(self, owner: str, layer: BaseTunerLayer) -> dict[str, torch.Tensor]:
+    def _merged_layer(self, owner: str, layer: "BaseTunerLayer") -> dict[str, torch.Tensor]:
         """The base layer's tensors, with the adapter merged in by peft (``merge``); computed once per layer."""
         if owner in self._merged:
             return self._merged[owner]
@@ -209,7 +230,8 @@ def untie_trained_pair(plain: nn.Module, tuned: nn.Module) -> dict[str, str]:
     pair = tied_pair(plain)
     if pair is None or plain is tuned:
         return {}
-    wrapped = lambda n: isinstance(tuned.get_submodule(n.rpartition(".")[0]), (BaseTunerLayer, ModulesToSaveWrapper))  # noqa: E731
+    wrappers = _peft_wrappers()
+    wrapped = lambda n: isinstance(tuned.get_submodule(n.rpartition(".")[0]), wrappers)  # noqa: E731
     if not any(wrapped(n) for n in pair):
         return {}
     out_name, emb_name = pair
@@ -218,6 +240,14 @@ def untie_trained_pair(plain: nn.Module, tuned: nn.Module) -> dict[str, str]:
     setattr(head, pname, nn.Parameter(torch.empty_like(getattr(head, pname)), requires_grad=False))  # (V, C), meta
     (_scratch_backbone(plain) or plain).config.tie_word_embeddings = False
     return {out_name: emb_name}
+
+
+def _peft_wrappers() -> tuple[type, type]:
+    """peft's adapter layer and ``modules_to_save`` wrapper classes; imported only for a run with an adapter."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    return BaseTunerLayer, ModulesToSaveWrapper
 
 
 def _scratch_backbone(model: nn.Module) -> Backbone | None:
@@ -240,15 +270,25 @@ def run_models(run: Run) -> tuple[nn.Module, nn.Module]:
     return plain, tuned
 
 
-def merged_state(run: Run) -> tuple[object, dict[str, torch.Tensor]]:
-    """The run's model merged, in memory: its ``transformers`` config and HF-named tensors (for generation)."""
+def merged_state(run: Run) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The run's model merged, in memory: its Hugging Face config fields and HF-named tensors (for generation)."""
     plain, tuned = run_models(run)
     values = Values(run, plain, tuned, merge=True, untied=untie_trained_pair(plain, tuned))
     state = {hf_key: values.hf(name, transposed) for name, hf_key, transposed in hf_layout(plain)}
-    return model_config(run.task, plain), state
+    return config_fields(run.task, plain), state
 
 
-def model_config(task: Task, model: nn.Module):
+def config_fields(task: ModelSpec, model: nn.Module) -> dict:
+    """The HF config fields of the run's model as a plain dict: what ``from_state`` reads, without building a
+    ``transformers`` config (its classes and modeling modules are slow to import; ``model_config`` builds one)."""
+    if task.is_hf:
+        return model.config.to_dict()
+    config = backbone_of(model).config
+    fields = {**config.to_hf(), "model_type": config.model_type}
+    return {**fields, **{k: v for k, v in task.model_overrides().items() if k != "head"}}
+
+
+def model_config(task: ModelSpec, model: nn.Module):
     """The ``transformers`` config of the exported model, naming the task's HF class in ``architectures``."""
     import transformers
 

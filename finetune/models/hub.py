@@ -8,7 +8,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -232,9 +232,8 @@ def from_state(
     state, source = _normalize_keys(family, state, source)
     _untie_if_distinct(family, config, state)
 
-    with torch.device("meta"):
+    with empty_weights("cpu", dtype):  # storage without a random-init pass
         model = family.model_cls(config)
-    model.to(dtype).to_empty(device="cpu")  # storage without a random-init pass; `to_empty` unties shared weights
     model.reset_buffers()
     model.tie_weights()
     fresh = load_hf_state(model, family, state, source)
@@ -263,8 +262,38 @@ def skeleton(path_or_name: str | os.PathLike, **overrides) -> Backbone:
     family = family_of(hf_config["model_type"], source=str(folder / "config.json"))
     config = family.config_cls.from_hf({**hf_config, **overrides})
     _untie_if_distinct(family, config, LazyWeights(folder, family))
-    with torch.device("meta"):
+    with empty_weights():
         return family.model_cls(config).eval()
+
+
+# The initializers our models and torch's layers call while they are built.
+_INITIALIZERS = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                 "xavier_normal_", "zeros_", "ones_", "constant_")  # fmt: skip
+
+
+@contextmanager
+def empty_weights(device: str = "meta", dtype: torch.dtype | None = None):
+    """Builds modules on ``device`` (in ``dtype``) without running their initializers, as ``transformers``'
+    ``no_init_weights``: on ``cpu`` their storage is left uninitialized (what ``to_empty`` gives), on ``meta`` there
+    is none. Both skip torch's meta kernels written in Python: the first random initializer on meta, and
+    ``to_empty``'s ``empty_like``, import sympy and hundreds of modules (1 to 1.5 s each, cold), which a cold
+    ``finetune generate`` would pay for nothing."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INITIALIZERS}
+    default = torch.get_default_dtype()
+    try:
+        for name in _INITIALIZERS:
+            setattr(torch.nn.init, name, _skip)
+        torch.set_default_dtype(dtype or default)
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(default)
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
+def _skip(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return tensor
 
 
 def _untie_if_distinct(family: Family, config, state: dict) -> None:

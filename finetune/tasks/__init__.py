@@ -2,6 +2,7 @@
 
 import inspect
 
+from finetune.model_spec import check_plain
 from finetune.tasks.base import Task
 from finetune.tasks.causal_lm import CausalLM
 from finetune.tasks.classification import Classification
@@ -20,7 +21,6 @@ TASKS: dict[str, type[Task]] = {
     for cls in (CausalLM, Classification, MaskedLM, Preference, Seq2Seq)
     for path in (f"{__name__}.{cls.__name__}", f"{cls.__module__}.{cls.__qualname__}")
 }
-_PLAIN = (str, int, float, bool, type(None))
 
 
 def task_class(class_path: object, *, where: str) -> type[Task]:
@@ -46,25 +46,5 @@ def plain_hparams(hparams: dict, cls: type[Task], *, where: str) -> dict:
     if unknown := sorted(set(hparams) - known):
         raise ValueError(f"{where}: hyper_parameters {unknown} are not arguments of {cls.__name__}")
     for key, value in hparams.items():
-        _check_plain(value, f"{where}: hyper_parameters.{key}")
+        check_plain(value, f"{where}: hyper_parameters.{key}")
     return dict(hparams)
-
-
-def _check_plain(value: object, path: str) -> None:
-    if isinstance(value, _PLAIN):
-        return
-    if isinstance(value, list | tuple):
-        for i, v in enumerate(value):
-            _check_plain(v, f"{path}[{i}]")
-        return
-    if isinstance(value, dict):
-        if "class_path" in value:
-            raise ValueError(f"{path}: names class_path {value['class_path']!r}; nothing is instantiated from a run")
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ValueError(f"{path}: expected string keys, got {k!r}")
-            _check_plain(v, f"{path}.{k}")
-        return
-    raise ValueError(
-        f"{path}: expected plain data (str, number, bool, None, list, mapping), got {type(value).__name__}"
-    )

@@ -1,8 +1,6 @@
-"""The shared base of every task: model construction on either backend, optimizer and schedule, gradient
-checkpointing, the adapter hook, and one ``MetricCollection`` per stage."""
+"""The shared base of every task: model construction on either backend (``finetune.model_spec.ModelSpec``), optimizer
+and schedule, gradient checkpointing, the adapter hook, and one ``MetricCollection`` per stage."""
 
-import contextlib
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -10,16 +8,13 @@ from typing import Any, ClassVar, Literal
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
-from safetensors import SafetensorError
 from torch import nn
 from torchmetrics import MetricCollection
 
-from finetune.adapters import checkpoint_weights, inject, load_spec, new_modules
+from finetune.adapters import load_spec
 from finetune.bundled import resolve_path
-from finetune.data.collate import pad_id
-from finetune.models import from_config, from_hf
+from finetune.model_spec import ModelSpec, load_tokenizer
 from finetune.models.base import Backbone
-from finetune.models.hub import explain_unreadable_weights, family_of, skeleton
 from finetune.parallel import tensor_parallel_size
 from finetune.tasks.accumulation import TokenWindow, reaches_gradients, scale_gradients
 from finetune.tasks.metrics import MetricSpec, load_summed_states, summed_states
@@ -29,7 +24,7 @@ Backend = Literal["scratch", "hf"]
 STAGES = ("train", "val", "test")
 
 
-class Task(L.LightningModule):
+class Task(ModelSpec, L.LightningModule):
     """Base class; subclasses set the class attributes and implement ``step``.
 
     Args:
@@ -59,8 +54,6 @@ class Task(L.LightningModule):
             hold only those weights. ``None``: full fine-tuning.
     """
 
-    objective: ClassVar[str]
-    auto_class: ClassVar[str]  # the transformers Auto class of the task
     METRICS: ClassVar[dict[str, MetricSpec]]
 
     def __init__(
@@ -105,7 +98,7 @@ class Task(L.LightningModule):
         if tokenizer is None and pretrained is None:
             raise ValueError("model.tokenizer: a model trained from random weights needs a tokenizer folder or hub id")
         self.tokenizer_path = tokenizer or pretrained
-        self.tokenizer = _load_tokenizer(self.tokenizer_path)
+        self.tokenizer = load_tokenizer(self.tokenizer_path)
         self.adapter_spec = load_spec(adapter) if adapter else None
         if self.adapter_spec is not None and pretrained is None:
             raise ValueError("model.adapter: an adapter trains on top of pretrained weights; set model.pretrained")
@@ -116,66 +109,9 @@ class Task(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------- model
     @property
-    def is_hf(self) -> bool:
-        return self.hparams.backend == "hf"
-
-    @property
-    def pad_token_id(self) -> int:
-        return pad_id(self.tokenizer)  # the id the DataModule pads with
-
-    @property
     def datamodule(self):
         trainer = self._trainer
         return getattr(trainer, "datamodule", None) if trainer is not None else None
-
-    def model_type(self) -> str:
-        """The ``model_type`` of the model to build (from ``config`` or the pretrained ``config.json``)."""
-        if self.hparams.pretrained is None:
-            return self.hparams.config["model_type"]
-        from finetune.models.hub import read_config, resolve
-
-        return read_config(resolve(self.hparams.pretrained))["model_type"]
-
-    def model_overrides(self) -> dict:
-        """Config fields the task sets on the model (e.g. the labels of a classification head)."""
-        return {}
-
-    def build_model(self, *, empty: bool = False) -> nn.Module:
-        """The backbone with the task's head, on the chosen backend, from pretrained weights or random.
-
-        ``empty``: the same structure on the meta device, without reading or initializing weights (for export).
-        """
-        p, config = self.hparams.pretrained, dict(self.hparams.config or {})
-        overrides = {**config, **self.model_overrides()}
-        if self.is_hf:
-            import transformers
-
-            auto = getattr(transformers, self.auto_class)
-            if p is not None and not empty:
-                try:
-                    return auto.from_pretrained(p, dtype=torch.float32, attn_implementation="sdpa", **overrides)
-                except SafetensorError as e:  # it names no file
-                    raise explain_unreadable_weights(p, e) from e
-            if p is not None:
-                hf_config = transformers.AutoConfig.from_pretrained(p, **overrides)
-            else:
-                hf_config = transformers.AutoConfig.for_model(**{**self._tokenizer_defaults(), **overrides})
-            with torch.device("meta") if empty else contextlib.nullcontext():
-                return auto.from_config(hf_config, attn_implementation="sdpa")
-        if p is not None:
-            return skeleton(p, **overrides) if empty else from_hf(p, **overrides)
-        return from_config({**self._tokenizer_defaults(family_of(config["model_type"]).config_cls), **overrides})
-
-    def _tokenizer_defaults(self, config_cls=None) -> dict:
-        """Vocabulary size and special ids of a random model, from the tokenizer (only fields the config has)."""
-        tok = self.tokenizer
-        d = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id}
-        d |= {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
-        d = {k: v for k, v in d.items() if v is not None}
-        if config_cls is not None:
-            names = {f.name for f in config_cls.__dataclass_fields__.values()}
-            d = {k: v for k, v in d.items() if k in names}
-        return d
 
     def _check_context(self, model: nn.Module) -> None:
         """The data's ``max_length`` must fit a learned position table (RoPE models only get a warning)."""
@@ -189,18 +125,6 @@ class Task(L.LightningModule):
             rank_zero_warn(f"{message}; RoPE extrapolates past it, but quality usually drops")
         else:
             raise ValueError(f"{message}; lower data.max_length")
-
-    def inject_adapter(self, model: nn.Module, *, quantize: bool = True) -> nn.Module:
-        """Injects the adapter (peft, in place) when there is one: only it and the modules the pretrained checkpoint
-        lacks (new heads) then train. ``quantize=False`` leaves a QLoRA base unquantized (export dequantizes)."""
-        spec = self.adapter_spec
-        if spec is None:
-            return model
-        from finetune.models.hub import resolve
-
-        heads = new_modules(model, checkpoint_weights(resolve(self.hparams.pretrained), model))
-        spec = spec if quantize else dataclasses.replace(spec, quantize=None)
-        return inject(model, spec, model_type=self.model_type(), heads=heads, compute_dtype=self.compute_dtype())
 
     def compute_dtype(self) -> torch.dtype | None:
         """The dtype the trainer's precision computes in (bf16 for ``bf16-*``, fp16 for ``16-*``, else fp32);
@@ -281,9 +205,6 @@ class Task(L.LightningModule):
             value = metric.compute().tolist()  # synced across processes
             metric.reset()
             self._write_json(f"{stage}_{name}.json", {"labels": self.class_names(), name: value})
-
-    def class_names(self) -> list[str] | None:
-        return None
 
     @rank_zero_only
     def _write_json(self, name: str, obj) -> None:
@@ -442,15 +363,6 @@ def precision_dtype(precision: str) -> torch.dtype:
     if precision.startswith("16"):
         return torch.float16
     return torch.float32
-
-
-def _load_tokenizer(name_or_path: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"model.tokenizer: cannot load a tokenizer from {name_or_path!r}: {e}") from e
 
 
 def _check_trainable(saved: set[str], expected: set[str] | None) -> None:
