@@ -101,6 +101,31 @@ def _recipe_args(argv: list[str]) -> list[str]:
     return out
 
 
+# What a fit writes beside config.yaml: a config.yaml with one of these beside it was read back from a run folder.
+RUN_FOLDER_FILES = ("checkpoints", "model_config.json", "tokenizer", "metrics.csv")
+
+
+def _run_folder_args(argv: list[str]) -> list[str]:
+    """A run's own ``config.yaml`` given as ``--config`` runs in the folder it was read from: its saved
+    ``trainer.default_root_dir`` names the folder it was written in, which for a copied or moved run folder is
+    another run's. So unless the command line sets ``--trainer.default_root_dir``, it is set to the config's
+    folder right after that ``--config`` (a later ``--config`` may still set it)."""
+    if any(a.split("=", 1)[0] == "--trainer.default_root_dir" for a in argv):
+        return list(argv)
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg.startswith("--config="):
+            path = Path(arg.split("=", 1)[1])
+        elif i > 0 and argv[i - 1] == "--config":
+            path = Path(arg)
+        else:
+            continue
+        if path.name == "config.yaml" and any((path.parent / f).exists() for f in RUN_FOLDER_FILES):
+            out.append(f"--trainer.default_root_dir={path.parent}")
+    return out
+
+
 def _adapter_args(argv: list[str]) -> list[str]:
     """Lets ``--model.adapter.r=16`` override a preset that a recipe names as a string (``adapter: lora``).
 
@@ -544,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("FINETUNE_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     try:
-        argv = _adapter_args(_recipe_args(argv))
+        argv = _run_folder_args(_adapter_args(_recipe_args(argv)))
     except FileNotFoundError as e:
         print(f"finetune: error: {e}", file=sys.stderr)
         return 2

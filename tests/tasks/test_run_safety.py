@@ -11,6 +11,7 @@ from functools import partial
 import pytest
 import torch
 
+from finetune.cli import main
 from tests.tasks.helpers import TINY_LLAMA, cli_error, cyclic_text, fit, recipe, weights, write_jsonl
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -121,3 +122,36 @@ def test_a_truncated_last_checkpoint_is_named_with_the_best_one(tmp_path, tokeni
     err = cli_error(capsys, "fit", "--config", config, "--ckpt_path", "last", "--trainer.max_steps=6")
     assert f"checkpoint {last} is unreadable (truncated or corrupt?)" in err
     assert f"other checkpoints of the run: {last.with_name('best.ckpt')}" in err
+
+
+def test_a_copied_runs_config_writes_into_the_copy(tmp_path, tokenizer_folder, capsys):
+    """``fit --config COPY/config.yaml`` resumes into COPY, though the saved config names the original folder."""
+    fit(_recipe(tmp_path, tokenizer_folder))
+    original, copy = tmp_path / "run", tmp_path / "copy"
+    shutil.copytree(original, copy)
+    before = {p.name: p.read_bytes() for p in (original / "checkpoints").iterdir()}
+    config_before = (original / "config.yaml").read_bytes()
+    capsys.readouterr()
+    fit(str(copy / "config.yaml"), "--ckpt_path", "last", "--trainer.max_steps=6")
+    assert f"run folder: {copy}" in capsys.readouterr().out
+    assert torch.load(copy / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert {p.name: p.read_bytes() for p in (original / "checkpoints").iterdir()} == before  # untouched
+    assert (original / "config.yaml").read_bytes() == config_before
+
+
+@pytest.mark.parametrize("command", ["validate", "test", "predict"])
+def test_only_fit_writes_the_runs_config(tmp_path, tokenizer_folder, command):
+    """``validate``/``test``/``predict`` on a run (its own config plus overrides) leave its config.yaml as the fit
+    wrote it."""
+    fit(_recipe(tmp_path, tokenizer_folder))
+    run = tmp_path / "run"
+    saved = (run / "config.yaml").read_bytes()
+    files = write_jsonl(tmp_path / "p.jsonl", [{"text": "the quick"}])
+    extra = {
+        "validate": [],
+        "test": [f"--data.test_files={files}"],
+        "predict": [f"--data.predict_files={files}", "--model.max_new_tokens=4"],
+    }
+    args = [command, "--debug", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--model.lr=0.5"]
+    assert main([*args, *extra[command]]) == 0
+    assert (run / "config.yaml").read_bytes() == saved
