@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks import ProgressBar as PLProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from finetune.callbacks import (
@@ -34,6 +34,15 @@ def _checkpoint_dir(root: str | None) -> str:
     return str(Path(root or ".") / "checkpoints")
 
 
+class SaveFitConfig(SaveConfigCallback):
+    """Saves the resolved config into the run folder for ``fit`` only: ``validate``/``test``/``predict`` read a
+    trained run (often through its own config.yaml plus overrides), and must leave the config that trained it."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            super().setup(trainer, pl_module, stage)
+
+
 class FinetuneCLI(LightningCLI):
     """LightningCLI over ``Task`` subclasses and the ``DataModule``, writing everything into one run folder
     (``trainer.default_root_dir``): config.yaml, checkpoints/{best,last}.ckpt, metrics.csv, tensorboard/, plots/,
@@ -44,6 +53,7 @@ class FinetuneCLI(LightningCLI):
             model_class=Task,
             subclass_mode_model=True,
             datamodule_class=DataModule,
+            save_config_callback=SaveFitConfig,
             save_config_kwargs={"overwrite": True},  # a resumed run rewrites the same config
             auto_configure_optimizers=False,  # the task owns its optimizer and schedule
             seed_everything_default=0,
