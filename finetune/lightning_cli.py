@@ -23,6 +23,7 @@ from finetune.callbacks import (
 )
 from finetune.data import DataModule
 from finetune.parallel import tensor_parallel_size
+from finetune.sharded import atomic_saves, restore_moved_aside
 from finetune.tasks import Task
 from finetune.tasks.base import hold_gathered
 
@@ -106,14 +107,18 @@ class FinetuneCLI(LightningCLI):
                 TensorBoardLogger(root, name="tensorboard", version="", default_hp_metric=False),
             ]
         strategy = config.get("strategy", "auto")
-        if isinstance(strategy, str) and strategy in _PLUGIN_STRATEGIES and not config.get("plugins"):
+        atomic_io = isinstance(strategy, str) and strategy in _PLUGIN_STRATEGIES and not config.get("plugins")
+        if atomic_io:
             config["plugins"] = [AtomicCheckpointIO()]
         callbacks = [*callbacks, RunFolder(), TokensPerSecond()]
         given = config.get("callbacks") or []
         theirs = [*callbacks, *(given if isinstance(given, list) else [given])]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, PLProgressBar) for c in theirs):
             callbacks.append(ProgressBar())  # the run's bounds in words, no host read per step
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        if not atomic_io:  # a strategy that saves its own checkpoints (FSDP2: a folder): through a temporary sibling
+            atomic_saves(trainer.strategy)
+        return trainer
 
     # ---------------------------------------------------------------------------------------- subcommands
     @property
@@ -128,6 +133,7 @@ class FinetuneCLI(LightningCLI):
         if name not in ("best", "last") or (name == "best" and self.trainer.checkpoint_callback.best_model_path):
             return
         path = self.run_dir / "checkpoints" / f"{name}.ckpt"
+        restore_moved_aside(path)  # a folder checkpoint that a kill mid-swap left aside
         if not path.exists():  # a file, or a folder (FSDP2 distributed checkpoint)
             hint = "; to start a new run there, leave out --ckpt_path" if self.subcommand == "fit" else ""
             raise FileNotFoundError(f"--ckpt_path {name}: nothing to load: {path} does not exist{hint}")

@@ -1,7 +1,10 @@
 """Distributed checkpoints (DCP) read in one process: the folder FSDP2 (``ModelParallelStrategy``) writes for a
 checkpoint, one shard file per rank plus DCP's ``.metadata`` and Lightning's ``meta.pt`` (everything that is not a
-module or optimizer state). ``export``, ``generate`` and ``chat`` read it like a ``.ckpt`` file."""
+module or optimizer state). ``export``, ``generate`` and ``chat`` read it like a ``.ckpt`` file; ``atomic_saves``
+writes it (and every checkpoint of a strategy that saves its own) atomically."""
 
+import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -26,3 +29,70 @@ def read_sharded_checkpoint(folder: Path) -> dict:
         state = _load_state_dict_from_keys({"state_dict"}, checkpoint_id=str(folder))
     checkpoint["state_dict"] = state["state_dict"]
     return checkpoint
+
+
+def atomic_saves(strategy) -> None:
+    """Makes ``strategy.save_checkpoint`` atomic, for the strategies that save their own checkpoints (FSDP2's
+    distributed checkpoint is a folder: ``last.ckpt/``, rewritten in place, lost to a kill mid-save). Every rank
+    writes into a temporary sibling of the target (``.NAME.tmp-HOST-PID-xxxx/NAME``, one name for all ranks); then
+    rank 0 swaps it in: a file by ``os.replace``, a folder by moving the old one aside (``.NAME.old-...``), renaming
+    the new one into place and removing the old. A failed save removes its temporary folder and leaves the target
+    as it was; the leftovers of a killed writer are removed by the next save (``restore_moved_aside`` first puts
+    back a target that a kill between the two renames left aside)."""
+    save = strategy.save_checkpoint
+
+    def save_checkpoint(checkpoint: dict, filepath, storage_options=None) -> None:
+        import tempfile
+
+        from finetune.folders import _scratch_name, remove_stale_leftovers
+
+        path = Path(strategy.broadcast(str(filepath)))
+        scratch = None
+        if strategy.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            restore_moved_aside(path)
+            remove_stale_leftovers(path)
+            scratch = tempfile.mkdtemp(prefix=_scratch_name(path, "tmp"), dir=path.parent)
+        scratch = Path(strategy.broadcast(scratch))
+        try:
+            save(checkpoint, scratch / path.name, storage_options)
+            strategy.barrier("atomic_saves")
+            if strategy.is_global_zero:
+                _swap_in(scratch / path.name, path)
+        finally:
+            if strategy.is_global_zero:
+                shutil.rmtree(scratch, ignore_errors=True)
+        strategy.barrier("atomic_saves_done")
+
+    strategy.save_checkpoint = save_checkpoint
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    import tempfile
+
+    from finetune.folders import _scratch_name
+
+    if new.is_file() and not target.is_dir():
+        os.replace(new, target)
+        return
+    old = None
+    if target.exists():  # moved aside, not deleted, until the new one is in place
+        old = Path(tempfile.mkdtemp(prefix=_scratch_name(target, "old"), dir=target.parent))
+        target.rename(old / target.name)
+    new.rename(target)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def restore_moved_aside(target: Path) -> Path | None:
+    """A checkpoint that a killed ``atomic_saves`` had moved aside (``.NAME.old-HOST-PID-xxxx/NAME``, its writer
+    dead) and not yet replaced is put back as ``target``; returns it, or None when there is none to restore."""
+    from finetune.folders import stale_leftovers
+
+    if target.exists():
+        return None
+    for aside in stale_leftovers(target):
+        if aside.name.startswith(f".{target.name}.old-") and (aside / target.name).exists():
+            (aside / target.name).rename(target)
+            return target
+    return None

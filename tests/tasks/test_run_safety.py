@@ -5,6 +5,8 @@ checkpoint, and a fit that fails before its first checkpoint leaves nothing behi
 import http.server
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from functools import partial
 
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 from finetune.cli import main
+from finetune.sharded import read_sharded_checkpoint
 from tests.tasks.helpers import TINY_LLAMA, cli_error, cyclic_text, fit, recipe, weights, write_jsonl
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -155,3 +158,48 @@ def test_only_fit_writes_the_runs_config(tmp_path, tokenizer_folder, command):
     args = [command, "--debug", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--model.lr=0.5"]
     assert main([*args, *extra[command]]) == 0
     assert (run / "config.yaml").read_bytes() == saved
+
+
+FSDP2_ONE_PROCESS = (
+    "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
+    "--trainer.strategy.data_parallel_size=1", "--trainer.strategy.tensor_parallel_size=1",
+    "--trainer.devices=1", "--trainer.accelerator=cpu",
+)  # fmt: skip
+# ``finetune ARGS`` whose distributed checkpoint saves write one shard file and then fail (a full disk, a kill).
+FAILING_SAVE = """
+import sys
+import lightning.pytorch.strategies.model_parallel as mp
+from finetune.cli import main
+
+def half_written(state, path):
+    (path / "__0_0.distcp").write_bytes(b"half a shard")
+    raise OSError("injected: the disk is full")
+
+mp._distributed_checkpoint_save = half_written
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_failed_distributed_checkpoint_save_leaves_the_last_one_whole(tmp_path, tokenizer_folder):
+    """FSDP2's checkpoint folders are written beside the old ones and swapped in: a save that fails midway leaves
+    the previous folders whole and loadable, and the next save leaves no temporary folders."""
+    config = _recipe(tmp_path, tokenizer_folder, max_steps=2, val_check_interval=2)
+    command = [sys.executable, "-m", "finetune.cli", "fit", "--config", config, *FSDP2_ONE_PROCESS]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    last = checkpoints / "last.ckpt"
+    files = lambda: {str(p.relative_to(checkpoints)): p.read_bytes() for p in checkpoints.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
+    resume = ["--ckpt_path", "last", "--trainer.max_steps=4"]
+    failed = subprocess.run([sys.executable, "-c", FAILING_SAVE, *command[3:], *resume], capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert failed.returncode != 0 and "injected: the disk is full" in failed.stderr, failed.stderr
+    assert files() == before  # the last good checkpoints (best.ckpt/ fails first, at step 4's validation), whole
+    assert (
+        read_sharded_checkpoint(last)["global_step"]
+        == read_sharded_checkpoint(checkpoints / "best.ckpt")["global_step"]
+        == 2
+    )
+    subprocess.run([*command, *resume], check=True, capture_output=True, timeout=300)
+    assert read_sharded_checkpoint(last)["global_step"] == 4
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]  # no temporary leftovers
