@@ -7,11 +7,14 @@ torch, Lightning, transformers and peft are imported inside the commands that us
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -330,8 +333,27 @@ def _check_out_file(out: Path, prompts: Path | None, *, force: bool) -> None:
         raise FileExistsError(f"--out {out}: exists (pass --force to replace it)")
 
 
+@contextlib.contextmanager
+def _terminate_as_exit():
+    """SIGTERM raises ``SystemExit(143)`` while the block runs (as SIGINT raises ``KeyboardInterrupt``), so that
+    ``finally`` blocks and atomic writes clean up; in the main thread only (where signals are handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def generate_command(argv: list[str]) -> int:
     from finetune import inference
+    from finetune.folders import atomic_file
 
     parser = argparse.ArgumentParser(
         prog="finetune generate",
@@ -364,17 +386,23 @@ def generate_command(argv: list[str]) -> int:
             draft = inference.load(args.draft, device=_device(args), what="--draft")
             inference.check_draft(loaded, draft)
         outputs, proposed, accepted = [], 0, 0
-        for row in rows:
-            stream = None
-            if args.stream and args.prompt is not None:
-                inference.write_now(row["prompt"] if not loaded.model.is_encoder_decoder else "")
-                stream = inference.TextStream(loaded.tokenizer, inference.write_now)
-            text, stats = inference.complete(loaded, row["prompt"], sampling, draft=draft, streamer=stream)
-            if stream is not None:
-                stream.end()
-            outputs.append({**row, "output": text})
-            if stats is not None:
-                proposed, accepted = proposed + stats.proposed, accepted + stats.accepted
+        with contextlib.ExitStack() as stack, _terminate_as_exit():
+            # --out: rows go to a temporary file beside it as they come, renamed when all are done; an error, ^C or
+            # SIGTERM removes it (and a killed run's leftover is removed by the next one)
+            sink = stack.enter_context(atomic_file(args.out)) if args.out else None
+            for row in rows:
+                stream = None
+                if args.stream and args.prompt is not None:
+                    inference.write_now(row["prompt"] if not loaded.model.is_encoder_decoder else "")
+                    stream = inference.TextStream(loaded.tokenizer, inference.write_now)
+                text, stats = inference.complete(loaded, row["prompt"], sampling, draft=draft, streamer=stream)
+                if stream is not None:
+                    stream.end()
+                outputs.append({**row, "output": text})
+                if sink is not None:
+                    sink.write(json.dumps(outputs[-1], ensure_ascii=False) + "\n")
+                if stats is not None:
+                    proposed, accepted = proposed + stats.proposed, accepted + stats.accepted
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"finetune generate: error: {e}", file=sys.stderr)
         return 2
@@ -384,16 +412,10 @@ def generate_command(argv: list[str]) -> int:
         else:
             lead = "" if loaded.model.is_encoder_decoder else args.prompt
             print(lead + outputs[0]["output"], flush=True)
+    elif args.out:
+        print(f"{len(outputs)} outputs written to {args.out}", file=sys.stderr)
     else:
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in outputs)
-        if args.out:
-            out = Path(args.out)
-            tmp = out.with_name(f".{out.name}.partial")
-            tmp.write_text(lines, encoding="utf-8")
-            tmp.replace(out)  # complete or absent
-            print(f"{len(outputs)} outputs written to {args.out}", file=sys.stderr)
-        else:
-            sys.stdout.write(lines)
+        sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in outputs))
     if draft is not None:
         rate = accepted / proposed if proposed else 0.0
         print(f"speculative decoding: {accepted}/{proposed} draft tokens accepted ({rate:.1%})", file=sys.stderr)

@@ -65,7 +65,7 @@ def remove_stale_leftovers(out: Path) -> list[Path]:
     """Removes what ``stale_leftovers`` finds (each logged); returns the removed paths."""
     removed = stale_leftovers(out)
     for p in removed:
-        log.warning("removing %s: left by a killed export into %s", p, out)
+        log.warning("removing %s: left by a killed writer of %s", p, out)
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     return removed
 
@@ -147,4 +147,26 @@ def atomic_folder(out_dir: str | os.PathLike, *, overwrite: bool = False, protec
             shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_file(out: str | os.PathLike, *, encoding: str = "utf-8"):
+    """Yields a text file open for writing beside ``out`` (``.NAME.tmp-HOST-PID-xxxxxxxx``) that becomes ``out``
+    (synced, usual modes, renamed) when the block succeeds; on any failure, an interrupt or ``SystemExit`` included,
+    it is removed and an existing ``out`` is left as it was. Leftovers of a killed earlier writer of ``out`` are
+    removed first (``stale_leftovers``)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_leftovers(out)
+    fd, tmp = tempfile.mkstemp(prefix=_scratch_name(out, "tmp"), dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding=encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
         raise

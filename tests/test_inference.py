@@ -3,6 +3,8 @@ context kept in the KV cache, speculative decoding invisible in the output, and 
 
 import io
 import json
+import signal
+import time
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from finetune.cli import chat_command, generate_command
 from finetune.data.templates import CHATML, render
 from finetune.export import export
 from tests.export.test_export import train
+from tests.tasks.helpers import cli_subprocess
 
 SPECIALS = ["<|endoftext|>", "<pad>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [
@@ -302,3 +305,30 @@ def test_a_run_takes_the_generation_config_of_its_base_folder(tmp_path, stand_in
     (base / "generation_config.json").write_text(json.dumps({"do_sample": False, "max_new_tokens": 5}))
     run = train(tmp_path, lambda arch: base, "llama", None, steps=1)
     assert inference.load(run, ckpt="last").generation == {"temperature": 0.0, "max_new_tokens": 5}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_generate_out_leaves_nothing_and_a_killed_ones_leftover_goes_next_time(model_dir, tmp_path, sig):
+    """``generate --out`` writes rows into a temporary file beside the output as they come: SIGTERM or ^C removes
+    it; the leftover of a SIGKILLed run is removed by the next run into the same output."""
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"row {i}"}) + "\n" for i in range(400)))
+    command = ["generate", str(model_dir), "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "32"]
+
+    def stopped_while_writing(how) -> int:
+        proc = cli_subprocess(*command)
+        deadline = time.time() + 120
+        while not list(tmp_path.glob(".out.jsonl.tmp-*")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "finished before it could be stopped"
+        proc.send_signal(how)
+        return proc.wait(timeout=60)
+
+    assert stopped_while_writing(sig) != 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]  # no output, no temporary file
+    assert stopped_while_writing(signal.SIGKILL) == -signal.SIGKILL
+    (leftover,) = tmp_path.glob(".out.jsonl.tmp-*")
+    prompts.write_text(json.dumps({"prompt": "row 0"}) + "\n")
+    assert generate_command(command[1:]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "p.jsonl"]
+    assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == ["row 0"]
