@@ -187,6 +187,7 @@ class RunFolder(L.Callback):
         # Runs before the callbacks load their states: a run folder that was copied or moved since the checkpoint
         # was written gets its checkpoint callbacks' saved paths moved along, so they keep writing last.ckpt and
         # best.ckpt here (not last-v1.ckpt beside a stale last.ckpt) and compare new scores with the saved best.
+        self._resumed_position = (checkpoint.get("train_metrics") or {}).get("position")  # see ``on_train_start``
         states = checkpoint.get("callbacks") or {}
         for callback in trainer.checkpoint_callbacks:
             state = states.get(getattr(callback, "state_key", None))
@@ -199,7 +200,14 @@ class RunFolder(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.ckpt_path:  # the loop state is restored by now, so global_step is the checkpoint's
-            self._truncate_metrics(Path(trainer.default_root_dir) / "metrics.csv", trainer.global_step)
+            # The task continues the epoch's training metrics saved at this very point (``Task.on_save_checkpoint``):
+            # what a clean stop there logged for the unfinished epoch is logged again, over the whole epoch.
+            position = getattr(self, "_resumed_position", None)
+            continued = position is not None and tuple(position) == (trainer.current_epoch, trainer.global_step)
+            metrics = getattr(pl_module, "metrics", None)
+            keys = list(metrics("train").keys()) if continued and callable(metrics) else []
+            self._truncate_metrics(Path(trainer.default_root_dir) / "metrics.csv", trainer.global_step,
+                                   epoch=trainer.current_epoch, epoch_keys=keys)  # fmt: skip
 
     @rank_zero_only
     def _save_artifacts(self, trainer: L.Trainer, pl_module: L.LightningModule, run: Path) -> None:
@@ -228,8 +236,10 @@ class RunFolder(L.Callback):
 
     @staticmethod
     @rank_zero_only
-    def _truncate_metrics(path: Path, step: int) -> None:
-        """A killed run may have logged steps past its last checkpoint; the resumed run logs them again."""
+    def _truncate_metrics(path: Path, step: int, *, epoch: int | None = None, epoch_keys: list[str] = ()) -> None:
+        """A killed run may have logged steps past its last checkpoint; the resumed run logs them again. So does it
+        log ``epoch_keys`` of ``epoch`` (the epoch metrics it continues): their values in earlier rows are dropped
+        (a clean stop mid-epoch logged them over the epoch's first part), and rows left empty with them."""
         if not path.exists():
             return
         with open(path, newline="") as f:
@@ -237,6 +247,10 @@ class RunFolder(L.Callback):
         if not rows:
             return
         keep = [r for r in rows if r.get("step", "") == "" or int(float(r["step"])) < step]
+        for r in keep:
+            if epoch_keys and r.get("epoch", "") != "" and int(float(r["epoch"])) == epoch:
+                r.update({k: "" for k in epoch_keys if r.get(k, "") != ""})
+        keep = [r for r in keep if any(v != "" for k, v in r.items() if k not in ("epoch", "step"))]
         fields = list(rows[0])
         with open(path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields)

@@ -97,3 +97,19 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_a_clean_stop_resumed_with_more_steps_continues_the_epoch_loss(tmp_path, tokenizer_folder):
+    """A run that reaches its ``max_steps`` mid-epoch and is resumed with a larger one logs the epoch's
+    ``train/loss`` once, over the whole epoch, as the straight run (and the kill -9 resume) do: not also the value
+    over the epoch's first part that the stop logged."""
+    constant = ("--model.schedule=constant", "--model.warmup=0")  # the same schedule whatever max_steps says
+    straight = _recipe(tmp_path, tokenizer_folder, "straight")
+    fit(straight, *constant)
+    split = _recipe(tmp_path, tokenizer_folder, "split")
+    fit(split, *constant, f"--trainer.max_steps={N // 2}")
+    fit(split, *constant, "--ckpt_path", "last", f"--trainer.max_steps={N}")
+    ea, eb = (logged(tmp_path / name / "run", "train/loss") for name in ("straight", "split"))
+    assert list(ea) == [N - 1] and eb == pytest.approx(ea, abs=1e-6)  # one value for the epoch, the whole epoch's
+    la, lb = logged(tmp_path / "straight/run", "train/loss_step"), logged(tmp_path / "split/run", "train/loss_step")
+    assert la == pytest.approx(lb, abs=1e-6)
