@@ -42,19 +42,21 @@ def quickstart_run(cache: Path) -> Path:
 
 
 def env_for(tree: Path) -> dict:
+    """``tree``'s ``finetune`` first (commands also run with ``cwd=tree``: ``-m`` puts the cwd first on the path)."""
     return {**os.environ, "PYTHONPATH": str(tree), "PYTHONWARNINGS": "ignore"}
 
 
 def wall(tree: Path, argv: list[str]) -> float:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "finetune.cli", *argv], env=env_for(tree), capture_output=True, check=False)
+    subprocess.run([sys.executable, "-m", "finetune.cli", *argv], env=env_for(tree), cwd=tree, capture_output=True,
+                   check=True)  # fmt: skip
     return time.perf_counter() - t0
 
 
 def imports(tree: Path, argv: list[str]) -> tuple[float, list[str]]:
     """Total import time (s, top-level entries of -X importtime) and which of lightning/peft were imported."""
     out = subprocess.run([sys.executable, "-X", "importtime", "-m", "finetune.cli", *argv], env=env_for(tree),
-                         capture_output=True, text=True, check=False)  # fmt: skip
+                         cwd=tree, capture_output=True, text=True, check=True)  # fmt: skip
     total, heavy = 0, set()
     for line in out.stderr.splitlines():
         m = re.match(r"import time:\s+\d+ \|\s+(\d+) \|( *)(\S+)", line)
@@ -93,7 +95,7 @@ def main() -> None:
             xs = times[t, c]
             total, heavy = imports(tree, argv)
             spread = f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
-            name = f"`finetune {' '.join(COMMANDS[c])}`"
+            name = f"`finetune {' '.join(COMMANDS[c]).format(run='RUN')}`"
             print(f"| {name} | {t} | {spread} | {total:.2f} | {', '.join(heavy) or 'neither'} |")
     base = f"baseline {args.baseline}"
     for c in commands:
