@@ -2,8 +2,8 @@
 
     flock /tmp/finetune-bench.lock python scripts/bench_real.py            # the README numbers (~8 min, 2 cores)
     python scripts/bench_real.py --quick                                   # a smoke run (~2 min)
-    options: --cache DIR (~/.cache/finetune-bench-real) --rounds 2 --lm-steps 150 --lm-batch 8 --window 256
-             --cls-epochs 3 --cls-per-class 300 --parts lm cls --json FILE
+    options: --cache DIR (~/.cache/finetune-bench-real) --rounds 2 --lm-steps 120 --lm-batch 8 --window 256
+             --cls-epochs 3 --cls-per-class 200 --parts lm cls --json FILE
 
 Everything is fetched at run time from package registries into --cache, never committed:
   - Debian's `fortunes` and `fortunes-min` (`apt-get download`, unpacked with `dpkg-deb -x`, no root install):
@@ -439,9 +439,9 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=None, help="run folders (default: CACHE/work)")
     p.add_argument("--parts", nargs="+", default=["lm", "cls"], choices=["lm", "cls"])
     p.add_argument("--quick", action="store_true", help="a smoke run: 1 round, few steps, few rows")
-    for name, default in [("rounds", 2), ("lm-steps", 150), ("lm-batch", 8), ("lm-warmup", 20), ("window", 256),
+    for name, default in [("rounds", 2), ("lm-steps", 120), ("lm-batch", 8), ("lm-warmup", 20), ("window", 256),
                           ("n-embd", 128), ("n-layer", 4), ("n-head", 4), ("vocab", 4096), ("log-every", 10),
-                          ("cls-epochs", 3), ("cls-per-class", 300)]:  # fmt: skip
+                          ("cls-epochs", 3), ("cls-per-class", 200)]:  # fmt: skip
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--json", type=Path)
     a = p.parse_args()
