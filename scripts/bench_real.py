@@ -275,12 +275,12 @@ def lm_peer(a, data: Path, out: Path) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     sched = transformers.get_cosine_schedule_with_warmup(opt, a.lm_warmup, a.lm_steps)
     g = torch.Generator().manual_seed(0)
-    order, rates, t0, seen = torch.randperm(n, generator=g), [], time.perf_counter(), 0
+    order, k, rates, t0, seen = torch.randperm(n, generator=g), 0, [], time.perf_counter(), 0
     for step in range(a.lm_steps):
-        k = (step * a.lm_batch) % n
-        if k + a.lm_batch > n:
-            order = torch.randperm(n, generator=g)
-        batch = blocks[order[k % n : k % n + a.lm_batch]]  # (B, T)
+        if k + a.lm_batch > n:  # a new epoch, reshuffled
+            order, k = torch.randperm(n, generator=g), 0
+        batch = blocks[order[k : k + a.lm_batch]]  # (B, T)
+        k += a.lm_batch
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
