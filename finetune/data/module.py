@@ -113,7 +113,11 @@ class DataModule(L.LightningDataModule):
             split.
         max_target_length: Longest seq2seq target in tokens (default: max_length).
         packing: Pack causal-LM samples back to back into rows of max_length tokens (each attends only to itself),
-            so no compute goes to padding. Default: on for plain text (pretraining), off otherwise.
+            so little compute goes to padding. true: whole samples (a sample that doesn't fit starts the next row;
+            for instruction/chat data, whose prompts must stay with their responses); fill: every row full, the
+            sample at a row's end cut there and continued in the next row (pretraining: no padding at all, as
+            contiguous windows, without attending across documents). Default: on for plain text (pretraining), off
+            otherwise.
         group_by_length: Train batches of rows of similar length, so that less compute goes to padding: shuffled
             megabatches of 50 batches sorted by length, as `transformers`' ``group_by_length`` (seeded, sharded and
             resumable as the plain shuffle). Default: on where rows are padded (packing off), off with packing.
@@ -154,7 +158,7 @@ class DataModule(L.LightningDataModule):
         fields: dict[str, str] | None = None,
         max_length: int = 1024,
         max_target_length: int | None = None,
-        packing: bool | None = None,
+        packing: bool | Literal["fill"] | None = None,
         group_by_length: bool | None = None,
         train_on_prompt: bool = False,
         chat_template: str | None = None,
@@ -218,8 +222,10 @@ class DataModule(L.LightningDataModule):
             )
         if self.packing and self.group_by_length:
             raise ValueError("group_by_length=True is for padded rows; packed rows are all max_length long")
+        if self.packing not in (True, False, "fill"):
+            raise ValueError(f"packing={self.packing!r}; expected true, false or fill")
         if self.packing and self.objective != "causal_lm":
-            raise ValueError(f"packing=True is for causal_lm only, not {self.objective!r}")
+            raise ValueError(f"packing={self.packing} is for causal_lm only, not {self.objective!r}")
         unknown = set(self.fields) - set(FIELDS[self.format])
         if unknown:
             raise ValueError(
@@ -368,7 +374,7 @@ class DataModule(L.LightningDataModule):
             tokenizer=self._load_tokenizer(),
             max_length=self.max_length,
             max_target_length=self.max_target_length,
-            packing=self.packing,
+            packing=bool(self.packing),
             train_on_prompt=self.train_on_prompt,
             prompt_template=self.prompt_template,
             prompt_template_no_input=self.prompt_template_no_input,
@@ -435,7 +441,11 @@ class DataModule(L.LightningDataModule):
         rows = enc.dataset
         if self.objective == "preference" and no_loss.any():  # pairs whose prompt alone fills max_length
             rows = rows.select(np.nonzero(~no_loss)[0])
-        data = PackedDataset(rows, self.max_length) if packed else RowsDataset(rows, split == "predict")
+        data = (
+            PackedDataset(rows, self.max_length, self.packing == "fill")
+            if packed
+            else RowsDataset(rows, split == "predict")
+        )
         n = len(lengths)
         self.stats[split] = {
             "rows": n,

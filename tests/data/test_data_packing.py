@@ -15,6 +15,42 @@ def test_plan_is_greedy_in_order_and_splits_long_samples():
     assert row_pieces.tolist() == [0, 1, 2, 4, 5, 6]
 
 
+def test_plan_fill_cuts_samples_at_full_rows():
+    piece_starts, row_pieces = plan(np.array([3, 5, 2, 9, 1]), max_length=4, fill=True)
+    # samples start at 0, 3, 8, 10, 19; rows of 4 tokens of the stream 0..19:
+    # [3 | 1 of the 5] [4 of the 5] [2 | 2 of the 9] [4 of the 9] [3 of the 9 | 1]
+    assert piece_starts.tolist() == [0, 3, 4, 8, 10, 12, 16, 19]
+    assert row_pieces.tolist() == [0, 2, 3, 5, 6]
+
+
+def test_fill_packing_rows_are_full_and_documents_stay_isolated(make_dm, write, tok):
+    """packing=fill: every row but the last holds max_length tokens of the stream, in order; a sample cut at a row's
+    end goes on in the next row as a segment of its own (positions from 0, its first token unpredicted)."""
+    t = tok("gpt")
+    texts = ["the cat sat", "hello world, this is a tiny corpus", "a", "one two three four five six seven"]
+    path = write("train.txt", texts)
+    dm = make_dm("gpt", train_files=path, validation_files=path, packing="fill", max_length=8, eval_batch_size=64)
+    batch = next(iter(dm.val_dataloader()))
+    samples = [t(x)["input_ids"] + [t.eos_token_id] for x in texts]
+    stream = [i for s in samples for i in s]
+    rows = len(stream) // 8 + (len(stream) % 8 > 0)
+    assert batch["input_ids"].shape == (rows, 8) and dm.stats["validation"]["packed_rows"] == rows
+    mask = batch["attention_mask"].bool()
+    assert mask[:-1].all()  # no padding but at the end of the last row
+    assert batch["input_ids"][mask].tolist() == stream
+    starts = np.cumsum([0] + [len(s) for s in samples])[:-1].tolist()  # where the samples begin in the stream
+    flat_seg = [(r, s) for r, row in enumerate(batch["segment_ids"].tolist()) for s in row][: len(stream)]
+    for k in range(1, len(stream)):
+        new_segment = flat_seg[k] != flat_seg[k - 1]
+        assert new_segment == (k in starts or k % 8 == 0)  # at a sample start or a row start
+    labels, positions = batch["labels"].flatten().tolist(), batch["position_ids"].flatten().tolist()
+    for k in range(len(stream)):
+        seg_start = next(j for j in range(k, -1, -1) if j == 0 or flat_seg[j] != flat_seg[j - 1])
+        assert positions[k] == k - seg_start
+        first_in_row_later_segment = k == seg_start and k % 8 != 0
+        assert labels[k] == (-100 if first_in_row_later_segment else stream[k])
+
+
 @pytest.mark.parametrize("style", ["gpt", "llama"])
 def test_packed_rows(make_dm, write, tok, style):
     t = tok(style)
@@ -84,3 +120,5 @@ def test_packing_is_on_by_default_for_plain_text_only(write, tok, tmp_path):
     assert DataModule(train_files=text, packing=False, **common).packing is False
     assert DataModule(format="instruction", train_files=pairs, **common).packing is False
     assert DataModule(format="text", objective="masked_lm", train_files=text, **common).packing is False
+    with pytest.raises(ValueError, match="packing='full'; expected true, false or fill"):
+        DataModule(train_files=text, packing="full", **common).setup("fit")
