@@ -4,7 +4,7 @@ completions, with TRL's formulas and metric names.
 Chosen and rejected run in one forward (the DataModule collates 2B rows: the chosen, then the rejected); the
 per-sequence log-probs come from the chunked output head (``linear_token_logprobs``), so no (2B, T, V) logits are
 held. The reference is the same model with its adapter disabled (no second copy), a frozen copy (full fine-tuning),
-log-probs precomputed in the data, or none (SimPO, ORPO).
+log-probs precomputed (the data's columns, or one pass before training, cached), or none (SimPO, ORPO).
 """
 
 import contextlib
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.nn.loss import linear_token_logprobs, token_logprobs
+from finetune.tasks import reference_cache
 from finetune.tasks.causal_lm import CausalLM, next_token_labels
 from finetune.tasks.metrics import PREFERENCE_METRICS
 
@@ -117,7 +118,9 @@ class Preference(CausalLM):
             weight 1; this adds on top).
         reference: what the policy is compared with: ``adapter`` (the same model with its adapter disabled; no
             second copy), ``copy`` (a frozen copy of the starting model), ``precomputed`` (the data's
-            ``ref_chosen_logps``/``ref_rejected_logps`` columns), ``none`` (SimPO, ORPO) or ``auto``: ``none`` for
+            ``ref_chosen_logps``/``ref_rejected_logps`` columns; without them, one no-grad pass over every train and
+            validation row before the first step, by the starting model (its adapter disabled), cached by data and
+            model: full fine-tuning with one model in memory), ``none`` (SimPO, ORPO) or ``auto``: ``none`` for
             SimPO/ORPO, else ``adapter`` with an adapter and ``copy`` without.
     """
 
@@ -161,6 +164,73 @@ class Preference(CausalLM):
         super().configure_model()
         if built and self.reference == "copy":
             self._frozen = [copy.deepcopy(self.model).eval().requires_grad_(False)]
+        if built and self.reference == "precomputed":
+            # The starting weights, fingerprinted before a resumed run's checkpoint is loaded into them.
+            precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+            self._reference_key = reference_cache.model_fingerprint(
+                self.model, backend=self.hparams.backend, precision=precision, adapter=self.adapter_spec is not None
+            )
+
+    def on_fit_start(self) -> None:
+        dm = self.datamodule
+        if self.reference == "precomputed" and dm is not None:
+            splits = dm.fit_splits()
+            for split, (data, collate) in splits.items():
+                if "ref_chosen_logps" not in data.dataset.column_names:
+                    chosen, rejected = self._cached_reference_logps(split, data, collate)
+                    dm.add_columns(split, {"ref_chosen_logps": chosen.numpy(), "ref_rejected_logps": rejected.numpy()})
+
+    # ----------------------------------------------------------------------------------- precomputed reference
+    def _cached_reference_logps(self, split: str, data, collate) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen (N,), rejected (N,)) reference log-probs of a split's rows: read from the cache when an entry
+        for these rows and starting weights exists (rank 0 reads, every rank gets them), else computed in one pass
+        (each data-parallel rank its share of the rows, then gathered) and written by rank 0."""
+        import datasets
+
+        strategy = self.trainer.strategy
+        root = getattr(self.datamodule, "cache_dir", None) or datasets.config.HF_DATASETS_CACHE
+        folder = reference_cache.entry(root, self._reference_key, reference_cache.rows_fingerprint(data.dataset))
+        primary = self.global_rank == 0
+        if strategy.broadcast((folder / reference_cache.FILE).is_file() if primary else None):
+            return strategy.broadcast(reference_cache.read(folder, len(data)) if primary else None)
+        if (
+            self.trainer.ckpt_path is not None
+            and self.adapter_spec is None
+            and not strategy.restore_checkpoint_after_setup
+        ):
+            raise ValueError(f"model.reference=precomputed: the cached reference log-probs of the {split} split "
+                             f"({folder}) are gone, and this resumed run's weights are already trained; restore the "
+                             "cache, or start the run afresh")  # fmt: skip
+        chosen, rejected = self.compute_reference_logps(data, collate)
+        if primary:
+            reference_cache.write(folder, chosen, rejected)
+        strategy.barrier()
+        return chosen, rejected
+
+    def compute_reference_logps(self, data, collate) -> tuple[torch.Tensor, torch.Tensor]:
+        """One no-grad pass of the starting model (adapter disabled, dropout off, the trainer's precision) over
+        ``data``: (chosen (N,), rejected (N,)) summed completion log-probs, float64 on the CPU, on every rank."""
+        strategy, dm = self.trainer.strategy, self.datamodule
+        kwargs = getattr(strategy, "distributed_sampler_kwargs", None) or {}
+        replicas, rank = kwargs.get("num_replicas", 1), kwargs.get("rank", 0)
+        n, size = len(data), dm.eval_batch_size
+        share = -(-n // replicas)  # every rank the same number of rows (and forwards: FSDP2 gathers in each)
+        rows = [min(rank + k * replicas, n - 1) for k in range(share)]  # (share,) strided; the last row repeats
+        off = adapters_disabled(self.model) if self.adapter_spec is not None else contextlib.nullcontext()
+        parts = []
+        with evaluating(self.model), off, self.trainer.precision_plugin.forward_context():
+            for start in range(0, share, size):
+                batch = strategy.batch_to_device(collate(data.__getitems__(rows[start : start + size])))
+                parts.append(self.sequence_logps(batch)[0].double().view(2, -1))  # (2, b): chosen, rejected
+        mine = torch.cat(parts, 1) if parts else torch.zeros(2, 0, dtype=torch.float64, device=self.device)
+        if replicas == 1 and self.trainer.world_size == 1:
+            return mine[0].cpu(), mine[1].cpu()
+        every = strategy.all_gather(mine)  # (W, 2, share), one slice per process
+        ranks = strategy.all_gather(torch.tensor(rank, device=mine.device))  # (W,) the data-parallel rank of each
+        out = torch.empty(2, share * replicas, dtype=torch.float64)
+        for r in range(replicas):  # tensor-parallel ranks computed the same rows: take the first of each
+            out[:, r::replicas] = every[int((ranks == r).nonzero()[0])].cpu()
+        return out[0, :n], out[1, :n]
 
     def stage_metric_names(self, stage: str) -> list[str]:
         return self.metric_names  # all cheap (no argmax over the vocabulary): every stage tracks them
