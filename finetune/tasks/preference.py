@@ -114,8 +114,11 @@ class Preference(CausalLM):
         beta: the temperature of the implicit reward (DPO's beta; IPO's tau; SimPO's and ORPO's beta).
         label_smoothing: the assumed fraction of flipped pairs (cDPO for ``sigmoid``, ``robust``, ``simpo``), < 0.5.
         simpo_gamma: SimPO's target reward margin.
-        sft_weight: weight of the chosen completions' token-mean NLL added to the loss (ORPO always adds it with
-            weight 1; this adds on top).
+        sft_weight: weight of the chosen sequences' NLL added to the loss (ORPO always adds it with weight 1; this
+            adds on top): a mean over the batch's chosen tokens, as TRL's ``sft`` loss, CPOTrainer's and
+            ORPOTrainer's NLL terms.
+        sft_on_prompt: whether that NLL also covers the prompt tokens; ``None``: as TRL, yes for ``orpo``
+            (ORPOTrainer's NLL covers prompt and response) and no otherwise (the completion only).
         reference: what the policy is compared with: ``adapter`` (the same model with its adapter disabled; no
             second copy), ``copy`` (a frozen copy of the starting model), ``precomputed`` (the data's
             ``ref_chosen_logps``/``ref_rejected_logps`` columns; without them, one no-grad pass over every train and
@@ -135,6 +138,7 @@ class Preference(CausalLM):
         label_smoothing: float = 0.0,
         simpo_gamma: float = 0.5,
         sft_weight: float = 0.0,
+        sft_on_prompt: bool | None = None,
         reference: Reference = "auto",
         **kwargs,
     ) -> None:
@@ -236,15 +240,18 @@ class Preference(CausalLM):
         return self.metric_names  # all cheap (no argmax over the vocabulary): every stage tracks them
 
     # ------------------------------------------------------------------------------------------------ log-probs
+    def token_logps(self, batch: dict, labels: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        """(2B, T) log-probs of the next-token ``labels`` (2B, T) under ``model`` (default: the policy); 0 where a
+        label is -100."""
+        head = self.output_head(model)
+        if head is not None:  # chunked over the head: no (2B, T, V) logits
+            return linear_token_logprobs(self.hidden_states(batch, model), head.weight, labels)
+        return token_logprobs(self.logits(batch, model), labels)
+
     def sequence_logps(self, batch: dict, model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed completion log-probs (2B,), completion tokens (2B,)) of ``model`` (default: the policy)."""
         labels = next_token_labels(batch["labels"])  # (2B, T)
-        head = self.output_head(model)
-        if head is not None:  # chunked over the head: no (2B, T, V) logits
-            tokens = linear_token_logprobs(self.hidden_states(batch, model), head.weight, labels)  # (2B, T)
-        else:
-            tokens = token_logprobs(self.logits(batch, model), labels)
-        return tokens.sum(-1), (labels != -100).sum(-1)
+        return self.token_logps(batch, labels, model).sum(-1), (labels != -100).sum(-1)
 
     def reference_logps(self, batch: dict) -> torch.Tensor:
         """(2B,) summed completion log-probs of the reference: no gradient, dropout off."""
@@ -265,7 +272,16 @@ class Preference(CausalLM):
     # ---------------------------------------------------------------------------------------------------- step
     def step(self, batch: dict, stage: str, batch_idx: int) -> dict:
         h = self.hparams
-        logps, n = self.sequence_logps(batch)  # (2B,), (2B,)
+        sft = h.sft_weight + (1.0 if h.loss == "orpo" else 0.0)
+        completion = next_token_labels(batch["labels"])  # (2B, T)
+        on_prompt = sft and (h.sft_on_prompt if h.sft_on_prompt is not None else h.loss == "orpo")
+        # With the prompt in the NLL, one pass gives every real token's log-prob; the completions' are among them.
+        seq = (
+            next_token_labels(batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)) if on_prompt else None
+        )
+        tokens = self.token_logps(batch, completion if seq is None else seq)  # (2B, T)
+        in_completion = completion != -100  # (2B, T)
+        logps, n = (tokens * in_completion).sum(-1), in_completion.sum(-1)  # (2B,), (2B,)
         B = logps.size(0) // 2
         n = n.clamp(min=1)
         ref = self.reference_logps(batch) if self.reference != "none" else None  # (2B,)
@@ -273,9 +289,11 @@ class Preference(CausalLM):
             h.loss, logps[:B], logps[B:], *(ref[:B], ref[B:]) if ref is not None else (None, None),
             lengths=(n[:B], n[B:]), beta=h.beta, label_smoothing=h.label_smoothing, simpo_gamma=h.simpo_gamma,
         )  # fmt: skip
-        nll = -logps[:B] / n[:B]  # (B,) token-mean NLL of each chosen completion
-        sft = h.sft_weight + (1.0 if h.loss == "orpo" else 0.0)
-        loss = losses.mean() + sft * nll.mean() if sft else losses.mean()
+        nll = -logps[:B] / n[:B]  # (B,) token-mean NLL of each chosen completion (the nll/chosen metric)
+        loss = losses.mean()
+        if sft:  # TRL's NLL term: a mean over the batch's chosen tokens (prompt included for on_prompt)
+            in_nll = (in_completion if seq is None else seq != -100)[:B]  # (B, T)
+            loss = loss - sft * (tokens[:B] * in_nll).sum() / in_nll.sum().clamp(min=1)
         rewards_c, rewards_r = rewards_c.detach(), rewards_r.detach()
         return {
             "loss": loss,
