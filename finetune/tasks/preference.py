@@ -14,9 +14,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from finetune.nn.loss import linear_token_logprobs, token_logprobs
 from finetune.tasks import reference_cache
+from finetune.tasks.base import hold_gathered
 from finetune.tasks.causal_lm import CausalLM, next_token_labels
 from finetune.tasks.metrics import PREFERENCE_METRICS
 
@@ -166,14 +168,38 @@ class Preference(CausalLM):
     def configure_model(self) -> None:
         built = self.model is None
         super().configure_model()
-        if built and self.reference == "copy":
-            self._frozen = [copy.deepcopy(self.model).eval().requires_grad_(False)]
         if built and self.reference == "precomputed":
             # The starting weights, fingerprinted before a resumed run's checkpoint is loaded into them.
             precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
             self._reference_key = reference_cache.model_fingerprint(
                 self.model, backend=self.hparams.backend, precision=precision, adapter=self.adapter_spec is not None
             )
+
+    def parallelize(self, model: nn.Module) -> None:
+        """The frozen copy is taken here, before the policy is sharded (an FSDP2 module cannot be deep-copied), and
+        sharded the same way: each rank holds its share of both."""
+        if self.reference == "copy" and model is self.model and not self._frozen:
+            frozen = copy.deepcopy(model).eval().requires_grad_(False)
+            super().parallelize(frozen)
+            self._frozen = [frozen]
+        super().parallelize(model)
+
+    # FSDP2: evaluation holds the frozen copy gathered too (ranks make different numbers of forward passes).
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        hold_gathered(self._frozen[0] if self._frozen else None, True)
+
+    def on_validation_end(self) -> None:
+        super().on_validation_end()
+        hold_gathered(self._frozen[0] if self._frozen else None, False)
+
+    def on_test_start(self) -> None:
+        super().on_test_start()
+        hold_gathered(self._frozen[0] if self._frozen else None, True)
+
+    def on_test_end(self) -> None:
+        super().on_test_end()
+        hold_gathered(self._frozen[0] if self._frozen else None, False)
 
     def on_fit_start(self) -> None:
         dm = self.datamodule
@@ -267,7 +293,10 @@ class Preference(CausalLM):
         p = next(self.model.parameters())
         frozen.to(device=p.device, dtype=p.dtype)  # the policy's device and precision (a no-op once there)
         with evaluating(frozen):
-            return self.sequence_logps(batch, frozen)[0]
+            logps = self.sequence_logps(batch, frozen)[0]
+        if isinstance(frozen, FSDPModule) and self.trainer.training:  # between steps only its shards stay
+            frozen.reshard()  # the root's weights (fully_shard keeps them after forward, for the backward)
+        return logps
 
     # ---------------------------------------------------------------------------------------------------- step
     def step(self, batch: dict, stage: str, batch_idx: int) -> dict:
