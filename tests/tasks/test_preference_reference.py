@@ -131,3 +131,31 @@ def test_resumed_full_fine_tuning_reads_the_cache(stand_in, tmp_path, reference_
         ValueError, match=r"cached reference log-probs of the train split \(.*reference-logps/.*\) are gone"
     ):
         _fit(tmp_path / "run", stand_in("llama"), cache=cache, lr=1e-2, steps=3, ckpt_path=tmp_path / "run/last.ckpt")
+
+
+@pytest.mark.slow
+def test_ddp_pass_shares_rows_and_gathers_them_in_order(stand_in, tmp_path):
+    """2 DDP processes, 5 pairs: each computes its strided share (3 and 2 rows, the last repeated), rank 0 writes
+    the gathered values, in the file's order: those of one process's frozen copy."""
+    from safetensors.torch import load_file
+
+    from tests.tasks.helpers import logged, recipe
+    from tests.tasks.test_strategies import DDP, run_cli
+
+    rows = [{**r, "prompt": r["prompt"] + f" {i}"} for i, r in enumerate([*PAIRS, PAIRS[0]])]
+    config = recipe(
+        tmp_path, "Preference",
+        {"pretrained": str(stand_in("llama")), "reference": "precomputed", "lr": 1e-2, "max_new_tokens": 1},
+        {"format": "preference", "train_files": write_jsonl(tmp_path / "p.jsonl", rows), "batch_size": 2,
+         "eval_batch_size": 2},
+        trainer={"max_steps": 1},
+    )  # fmt: skip
+    run_cli("fit", "--config", config, *DDP)
+    assert logged(tmp_path / "run", "train/loss_step")[0] == pytest.approx(math.log(2), abs=1e-6)
+    (entry,) = (tmp_path / "cache" / "reference-logps").iterdir()
+    cached = load_file(entry / "logps.safetensors")
+    copy = _task(stand_in, reference="copy")
+    expected = copy.reference_logps(_batch(copy, tmp_path / "plain", rows))  # (2B,) chosen, then rejected
+    B = len(rows)
+    torch.testing.assert_close(cached["chosen"].float(), expected[:B], atol=1e-6, rtol=0)
+    torch.testing.assert_close(cached["rejected"].float(), expected[B:], atol=1e-6, rtol=0)
