@@ -1,7 +1,7 @@
 """DPO with LoRA, ours against TRL's DPOTrainer + peft on the same model, data and settings: tokens/s and peak memory.
 
-    python scripts/bench_dpo.py [--hidden 256 --layers 4 --vocab 16000 --pairs 64 --batch 4 --steps 12
-        --length 200 --threads 2 --workdir DIR]
+    flock /tmp/finetune-bench.lock python scripts/bench_dpo.py [--rounds 3 --hidden 256 --layers 4 --vocab 16000
+        --pairs 64 --batch 4 --steps 8 --length 200 --threads 2 --workdir DIR]
 
 A random fp32 LLaMA (vocabulary ``--vocab``, so the logits are the large tensor, as in real models) is saved with
 ``save_pretrained`` beside a byte-level tokenizer; ``--pairs`` preference rows of about ``--length`` tokens each are
@@ -9,9 +9,11 @@ written as JSONL. Each side trains ``--steps`` optimizer steps of ``--batch`` pa
 on q_proj/v_proj, no dropout, lr 1e-4, the reference being the same model with the adapter disabled:
   - finetune: ``finetune fit`` with ``finetune.tasks.Preference`` (chunked log-probs: no logits held);
   - TRL: ``DPOTrainer(model, peft_config=LoraConfig(...))`` ``.train()``.
-tokens/s counts the non-padding tokens of chosen and rejected rows over the steps after the first 2 (warm-up),
-timed by a callback on each side; peak memory is the child's ``ru_maxrss`` (CPU) or
-``torch.cuda.max_memory_allocated`` (GPU), minus a child that only imports the same libraries.
+tokens/s counts the non-padding tokens of the chosen and rejected rows each side trains on (TRL's counted inside
+its loss computation, so the batches are the ones it trains on) over the steps after the first 2 (warm-up), timed
+at each step's end; peak memory is the child's ``ru_maxrss`` (CPU) or ``torch.cuda.max_memory_allocated`` (GPU),
+minus a child that only imports the same libraries (CPU). ``--rounds`` rounds run the two sides interleaved (the
+order alternating), each in a fresh subprocess; the table gives each round and the median ratio with its min-max.
 """
 
 import argparse
@@ -78,9 +80,9 @@ def child(side: str, work: Path, a) -> dict:
         import yaml
 
         recipe = {
-            "trainer": {"default_root_dir": str(work / "run"), "max_steps": a.steps, "enable_progress_bar": False,
-                        "logger": False, "accelerator": "gpu" if cuda else "cpu",
-                        "devices": 1},
+            "trainer": {"default_root_dir": tempfile.mkdtemp(prefix="run-", dir=work),  # a new run each round
+                        "max_steps": a.steps, "enable_progress_bar": False, "logger": False,
+                        "accelerator": "gpu" if cuda else "cpu", "devices": 1},
             "model": {"class_path": "finetune.tasks.Preference",
                       "init_args": {"pretrained": str(work / "model"), "lr": 1e-4, "max_new_tokens": 1,
                                     "adapter": {"preset": "lora", "r": 8, "lora_dropout": 0.0}}},
@@ -110,8 +112,13 @@ def child(side: str, work: Path, a) -> dict:
         peft = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
         trainer = DPOTrainer(model=model, args=config, processing_class=tok, peft_config=peft,
                              train_dataset=datasets.Dataset.from_list(rows), callbacks=[Clock()])  # fmt: skip
-        loader = trainer.get_train_dataloader()
-        tokens = [int(b["attention_mask"].sum()) for _, b in zip(range(a.steps), loader, strict=False)]
+        compute_loss = trainer.compute_loss
+
+        def counted(model, inputs, *args, **kwargs):  # the batch it trains on: chosen and rejected rows
+            tokens.append(int(inputs["attention_mask"].sum()))
+            return compute_loss(model, inputs, *args, **kwargs)
+
+        trainer.compute_loss = counted
         trainer.train()
     span = times[-1] - times[WARMUP - 1]
     out = {"tokens_per_s": sum(tokens[WARMUP : len(times)]) / span}
@@ -135,14 +142,27 @@ def _patch_callbacks(cb) -> None:
     L.Trainer.__init__ = patched
 
 
+def _run(argv: list[str], side: str) -> dict:
+    out = subprocess.run([*argv, "--child", side], capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        raise SystemExit(f"{side} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _spread(values: list[float]) -> str:
+    values = sorted(values)
+    return f"{values[len(values) // 2]:.2f}x ({values[0]:.2f}-{values[-1]:.2f})"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=16000)
     p.add_argument("--pairs", type=int, default=64)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--steps", type=int, default=8)
     p.add_argument("--length", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", type=Path, default=None)
@@ -152,23 +172,36 @@ def main() -> None:
     if a.child:
         print(json.dumps(child(a.child, work, a)))
         return
+    start = time.perf_counter()
     setup(work, a)
     argv = [sys.executable, __file__, *sys.argv[1:], "--workdir", str(work)]
-    results = {}
-    for side in ("imports", "finetune", "trl"):
-        out = subprocess.run([*argv, "--child", side], capture_output=True, text=True, cwd=ROOT)
-        if out.returncode:
-            raise SystemExit(f"{side} failed:\n{out.stderr[-3000:]}")
-        results[side] = json.loads(out.stdout.strip().splitlines()[-1])
-    base = results["imports"]["rss_mb"]
-    print(f"{'':10s} {'tokens/s':>10s} {'peak MB':>10s}")
-    for side in ("finetune", "trl"):
-        r = results[side]
-        peak = r["peak_mb"] - (0 if "cuda" in str(r) else base)
-        print(f"{side:10s} {r['tokens_per_s']:10.0f} {peak:10.0f}")
-    f, t = results["finetune"], results["trl"]
-    print(f"finetune/TRL: {f['tokens_per_s'] / t['tokens_per_s']:.2f}x tokens/s, "
-          f"{(f['peak_mb'] - base) / (t['peak_mb'] - base):.2f}x peak memory (above the imports)")  # fmt: skip
+    base = 0.0 if _cuda() else _run(argv, "imports")["rss_mb"]
+    rounds = []
+    for r in range(a.rounds):
+        order = ("finetune", "trl") if r % 2 == 0 else ("trl", "finetune")
+        result = {side: _run(argv, side) for side in order}
+        for side in result.values():
+            side["peak_mb"] -= base
+        rounds.append(result)
+    speed = [r["finetune"]["tokens_per_s"] / r["trl"]["tokens_per_s"] for r in rounds]
+    memory = [r["finetune"]["peak_mb"] / r["trl"]["peak_mb"] for r in rounds]
+    print(f"\nDPO, LoRA r=8, {a.layers} layers x {a.hidden}, vocabulary {a.vocab}, {a.batch} pairs of ~{a.length} "
+          f"tokens a step, {a.steps} steps, {'GPU' if _cuda() else f'CPU {a.threads} threads'}\n")  # fmt: skip
+    print("| round | finetune tokens/s | TRL tokens/s | ratio | finetune peak MB | TRL peak MB | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for i, (r, s_, m) in enumerate(zip(rounds, speed, memory, strict=True)):
+        f, t = r["finetune"], r["trl"]
+        print(f"| {i + 1} | {f['tokens_per_s']:.0f} | {t['tokens_per_s']:.0f} | {s_:.2f}x | {f['peak_mb']:.0f} | "
+              f"{t['peak_mb']:.0f} | {m:.2f}x |")  # fmt: skip
+    print(f"\nfinetune/TRL, median (min-max) over {a.rounds} rounds: tokens/s {_spread(speed)}, peak memory "
+          f"{_spread(memory)}{'' if _cuda() else ' (above the imports)'}; benchmark took "
+          f"{time.perf_counter() - start:.0f} s")  # fmt: skip
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

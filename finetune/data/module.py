@@ -487,6 +487,22 @@ class DataModule(L.LightningDataModule):
         if messages:
             rank_zero_warn(f"{split} split: " + "; ".join(messages))
 
+    def fit_splits(self) -> dict[str, tuple[torch.utils.data.Dataset, Collator]]:
+        """The splits ``fit`` reads (train, and validation when there is some): split -> (torch dataset, collator),
+        for a pass over every row in order (e.g. the reference log-probs of preference pairs)."""
+        return {s: (self._dataset(s), self._collator(s)) for s in self._splits_for("fit")}
+
+    def add_columns(self, split: str, columns: dict[str, np.ndarray]) -> None:
+        """Adds (or replaces) per-row columns of ``split``, one value per row of its torch dataset in order; the
+        collator passes them on (preference: ``ref_chosen_logps``/``ref_rejected_logps``)."""
+        data = self._dataset(split)
+        for name, values in columns.items():
+            if len(values) != len(data):
+                raise ValueError(f"{split} split: column {name!r} has {len(values)} values for {len(data)} rows")
+            if name in data.dataset.column_names:
+                data.dataset = data.dataset.remove_columns(name)
+            data.dataset = data.dataset.add_column(name, np.asarray(values))
+
     # ----------------------------------------------------------------------------------------------- dataloaders
     def _replicas(self) -> tuple[int, int]:
         """(num_replicas, rank) of data parallelism, from the Trainer's strategy when there is one."""

@@ -147,17 +147,22 @@ class Task(ModelSpec, L.LightningModule):
                 block.compile()
         # Keyed "<stage>_metrics": a ModuleDict key "train" would clash with ``nn.Module.train``.
         self.stage_metrics = nn.ModuleDict({f"{s}_metrics": self.make_metrics(s) for s in STAGES})
-        if self.device_mesh is not None:
-            from finetune.parallel import apply_tensor_parallel
+        self.parallelize(self.model)
+        if tensor_parallel_size(self.device_mesh) > 1:  # tensor-parallel ranks see the same rows: count them once
+            group = self.device_mesh["data_parallel"].get_group()
+            for collection in self.stage_metrics.values():
+                for _, metric in collection.items(keep_base=True):
+                    metric.process_group = group
 
-            # Tensor parallelism first, then FSDP2 over the data-parallel dimension: TP x FSDP2 (2D) composes.
-            apply_tensor_parallel(self.model, self.device_mesh, adapter=self.adapter_spec is not None)
-            _fully_shard(self.model, self.device_mesh)
-            if tensor_parallel_size(self.device_mesh) > 1:  # tensor-parallel ranks see the same rows: count them once
-                group = self.device_mesh["data_parallel"].get_group()
-                for collection in self.stage_metrics.values():
-                    for _, metric in collection.items(keep_base=True):
-                        metric.process_group = group
+    def parallelize(self, model: nn.Module) -> None:
+        """Shards ``model`` over the strategy's device mesh (``ModelParallelStrategy``; nothing without one): tensor
+        parallelism first, then FSDP2 over the data-parallel dimension (TP x FSDP2, 2D, composes)."""
+        if self.device_mesh is None:
+            return
+        from finetune.parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, self.device_mesh, adapter=self.adapter_spec is not None)
+        _fully_shard(model, self.device_mesh)
 
     @property
     def data_parallel_rank(self) -> int:

@@ -4,7 +4,7 @@ completions, with TRL's formulas and metric names.
 Chosen and rejected run in one forward (the DataModule collates 2B rows: the chosen, then the rejected); the
 per-sequence log-probs come from the chunked output head (``linear_token_logprobs``), so no (2B, T, V) logits are
 held. The reference is the same model with its adapter disabled (no second copy), a frozen copy (full fine-tuning),
-log-probs precomputed in the data, or none (SimPO, ORPO).
+log-probs precomputed (the data's columns, or one pass before training, cached), or none (SimPO, ORPO).
 """
 
 import contextlib
@@ -14,8 +14,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from finetune.nn.loss import linear_token_logprobs, token_logprobs
+from finetune.tasks import reference_cache
+from finetune.tasks.base import hold_gathered
 from finetune.tasks.causal_lm import CausalLM, next_token_labels
 from finetune.tasks.metrics import PREFERENCE_METRICS
 
@@ -113,11 +116,16 @@ class Preference(CausalLM):
         beta: the temperature of the implicit reward (DPO's beta; IPO's tau; SimPO's and ORPO's beta).
         label_smoothing: the assumed fraction of flipped pairs (cDPO for ``sigmoid``, ``robust``, ``simpo``), < 0.5.
         simpo_gamma: SimPO's target reward margin.
-        sft_weight: weight of the chosen completions' token-mean NLL added to the loss (ORPO always adds it with
-            weight 1; this adds on top).
+        sft_weight: weight of the chosen sequences' NLL added to the loss (ORPO always adds it with weight 1; this
+            adds on top): a mean over the batch's chosen tokens, as TRL's ``sft`` loss, CPOTrainer's and
+            ORPOTrainer's NLL terms.
+        sft_on_prompt: whether that NLL also covers the prompt tokens; ``None``: as TRL, yes for ``orpo``
+            (ORPOTrainer's NLL covers prompt and response) and no otherwise (the completion only).
         reference: what the policy is compared with: ``adapter`` (the same model with its adapter disabled; no
             second copy), ``copy`` (a frozen copy of the starting model), ``precomputed`` (the data's
-            ``ref_chosen_logps``/``ref_rejected_logps`` columns), ``none`` (SimPO, ORPO) or ``auto``: ``none`` for
+            ``ref_chosen_logps``/``ref_rejected_logps`` columns; without them, one no-grad pass over every train and
+            validation row before the first step, by the starting model (its adapter disabled), cached by data and
+            model: full fine-tuning with one model in memory), ``none`` (SimPO, ORPO) or ``auto``: ``none`` for
             SimPO/ORPO, else ``adapter`` with an adapter and ``copy`` without.
     """
 
@@ -132,6 +140,7 @@ class Preference(CausalLM):
         label_smoothing: float = 0.0,
         simpo_gamma: float = 0.5,
         sft_weight: float = 0.0,
+        sft_on_prompt: bool | None = None,
         reference: Reference = "auto",
         **kwargs,
     ) -> None:
@@ -159,22 +168,116 @@ class Preference(CausalLM):
     def configure_model(self) -> None:
         built = self.model is None
         super().configure_model()
-        if built and self.reference == "copy":
-            self._frozen = [copy.deepcopy(self.model).eval().requires_grad_(False)]
+        if built and self.reference == "precomputed":
+            # The starting weights, fingerprinted before a resumed run's checkpoint is loaded into them.
+            precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+            self._reference_key = reference_cache.model_fingerprint(
+                self.model, backend=self.hparams.backend, precision=precision, adapter=self.adapter_spec is not None
+            )
+
+    def parallelize(self, model: nn.Module) -> None:
+        """The frozen copy is taken here, before the policy is sharded (an FSDP2 module cannot be deep-copied), and
+        sharded the same way: each rank holds its share of both."""
+        if self.reference == "copy" and model is self.model and not self._frozen:
+            frozen = copy.deepcopy(model).eval().requires_grad_(False)
+            super().parallelize(frozen)
+            self._frozen = [frozen]
+        super().parallelize(model)
+
+    # FSDP2: evaluation holds the frozen copy gathered too (ranks make different numbers of forward passes).
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        hold_gathered(self._frozen[0] if self._frozen else None, True)
+
+    def on_validation_end(self) -> None:
+        super().on_validation_end()
+        hold_gathered(self._frozen[0] if self._frozen else None, False)
+
+    def on_test_start(self) -> None:
+        super().on_test_start()
+        hold_gathered(self._frozen[0] if self._frozen else None, True)
+
+    def on_test_end(self) -> None:
+        super().on_test_end()
+        hold_gathered(self._frozen[0] if self._frozen else None, False)
+
+    def on_fit_start(self) -> None:
+        dm = self.datamodule
+        if self.reference == "precomputed" and dm is not None:
+            splits = dm.fit_splits()
+            for split, (data, collate) in splits.items():
+                if "ref_chosen_logps" not in data.dataset.column_names:
+                    chosen, rejected = self._cached_reference_logps(split, data, collate)
+                    dm.add_columns(split, {"ref_chosen_logps": chosen.numpy(), "ref_rejected_logps": rejected.numpy()})
+
+    # ----------------------------------------------------------------------------------- precomputed reference
+    def _cached_reference_logps(self, split: str, data, collate) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen (N,), rejected (N,)) reference log-probs of a split's rows: read from the cache when an entry
+        for these rows and starting weights exists (rank 0 reads, every rank gets them), else computed in one pass
+        (each data-parallel rank its share of the rows, then gathered) and written by rank 0."""
+        import datasets
+
+        strategy = self.trainer.strategy
+        root = getattr(self.datamodule, "cache_dir", None) or datasets.config.HF_DATASETS_CACHE
+        folder = reference_cache.entry(root, self._reference_key, reference_cache.rows_fingerprint(data.dataset))
+        primary = self.global_rank == 0
+        if strategy.broadcast((folder / reference_cache.FILE).is_file() if primary else None):
+            return strategy.broadcast(reference_cache.read(folder, len(data)) if primary else None)
+        if (
+            self.trainer.ckpt_path is not None
+            and self.adapter_spec is None
+            and not strategy.restore_checkpoint_after_setup
+        ):
+            raise ValueError(f"model.reference=precomputed: the cached reference log-probs of the {split} split "
+                             f"({folder}) are gone, and this resumed run's weights are already trained; restore the "
+                             "cache, or start the run afresh")  # fmt: skip
+        chosen, rejected = self.compute_reference_logps(data, collate)
+        if primary:
+            reference_cache.write(folder, chosen, rejected)
+        strategy.barrier()
+        return chosen, rejected
+
+    def compute_reference_logps(self, data, collate) -> tuple[torch.Tensor, torch.Tensor]:
+        """One no-grad pass of the starting model (adapter disabled, dropout off, the trainer's precision) over
+        ``data``: (chosen (N,), rejected (N,)) summed completion log-probs, float64 on the CPU, on every rank."""
+        strategy, dm = self.trainer.strategy, self.datamodule
+        kwargs = getattr(strategy, "distributed_sampler_kwargs", None) or {}
+        replicas, rank = kwargs.get("num_replicas", 1), kwargs.get("rank", 0)
+        n, size = len(data), dm.eval_batch_size
+        share = -(-n // replicas)  # every rank the same number of rows (and forwards: FSDP2 gathers in each)
+        rows = [min(rank + k * replicas, n - 1) for k in range(share)]  # (share,) strided; the last row repeats
+        off = adapters_disabled(self.model) if self.adapter_spec is not None else contextlib.nullcontext()
+        parts = []
+        with evaluating(self.model), off, self.trainer.precision_plugin.forward_context():
+            for start in range(0, share, size):
+                batch = strategy.batch_to_device(collate(data.__getitems__(rows[start : start + size])))
+                parts.append(self.sequence_logps(batch)[0].double().view(2, -1))  # (2, b): chosen, rejected
+        mine = torch.cat(parts, 1) if parts else torch.zeros(2, 0, dtype=torch.float64, device=self.device)
+        if replicas == 1 and self.trainer.world_size == 1:
+            return mine[0].cpu(), mine[1].cpu()
+        every = strategy.all_gather(mine)  # (W, 2, share), one slice per process
+        ranks = strategy.all_gather(torch.tensor(rank, device=mine.device))  # (W,) the data-parallel rank of each
+        out = torch.empty(2, share * replicas, dtype=torch.float64)
+        for r in range(replicas):  # tensor-parallel ranks computed the same rows: take the first of each
+            out[:, r::replicas] = every[int((ranks == r).nonzero()[0])].cpu()
+        return out[0, :n], out[1, :n]
 
     def stage_metric_names(self, stage: str) -> list[str]:
         return self.metric_names  # all cheap (no argmax over the vocabulary): every stage tracks them
 
     # ------------------------------------------------------------------------------------------------ log-probs
+    def token_logps(self, batch: dict, labels: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        """(2B, T) log-probs of the next-token ``labels`` (2B, T) under ``model`` (default: the policy); 0 where a
+        label is -100."""
+        head = self.output_head(model)
+        if head is not None:  # chunked over the head: no (2B, T, V) logits
+            return linear_token_logprobs(self.hidden_states(batch, model), head.weight, labels)
+        return token_logprobs(self.logits(batch, model), labels)
+
     def sequence_logps(self, batch: dict, model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed completion log-probs (2B,), completion tokens (2B,)) of ``model`` (default: the policy)."""
         labels = next_token_labels(batch["labels"])  # (2B, T)
-        head = self.output_head(model)
-        if head is not None:  # chunked over the head: no (2B, T, V) logits
-            tokens = linear_token_logprobs(self.hidden_states(batch, model), head.weight, labels)  # (2B, T)
-        else:
-            tokens = token_logprobs(self.logits(batch, model), labels)
-        return tokens.sum(-1), (labels != -100).sum(-1)
+        return self.token_logps(batch, labels, model).sum(-1), (labels != -100).sum(-1)
 
     def reference_logps(self, batch: dict) -> torch.Tensor:
         """(2B,) summed completion log-probs of the reference: no gradient, dropout off."""
@@ -190,12 +293,24 @@ class Preference(CausalLM):
         p = next(self.model.parameters())
         frozen.to(device=p.device, dtype=p.dtype)  # the policy's device and precision (a no-op once there)
         with evaluating(frozen):
-            return self.sequence_logps(batch, frozen)[0]
+            logps = self.sequence_logps(batch, frozen)[0]
+        if isinstance(frozen, FSDPModule) and self.trainer.training:  # between steps only its shards stay
+            frozen.reshard()  # the root's weights (fully_shard keeps them after forward, for the backward)
+        return logps
 
     # ---------------------------------------------------------------------------------------------------- step
     def step(self, batch: dict, stage: str, batch_idx: int) -> dict:
         h = self.hparams
-        logps, n = self.sequence_logps(batch)  # (2B,), (2B,)
+        sft = h.sft_weight + (1.0 if h.loss == "orpo" else 0.0)
+        completion = next_token_labels(batch["labels"])  # (2B, T)
+        on_prompt = sft and (h.sft_on_prompt if h.sft_on_prompt is not None else h.loss == "orpo")
+        # With the prompt in the NLL, one pass gives every real token's log-prob; the completions' are among them.
+        seq = (
+            next_token_labels(batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)) if on_prompt else None
+        )
+        tokens = self.token_logps(batch, completion if seq is None else seq)  # (2B, T)
+        in_completion = completion != -100  # (2B, T)
+        logps, n = (tokens * in_completion).sum(-1), in_completion.sum(-1)  # (2B,), (2B,)
         B = logps.size(0) // 2
         n = n.clamp(min=1)
         ref = self.reference_logps(batch) if self.reference != "none" else None  # (2B,)
@@ -203,9 +318,11 @@ class Preference(CausalLM):
             h.loss, logps[:B], logps[B:], *(ref[:B], ref[B:]) if ref is not None else (None, None),
             lengths=(n[:B], n[B:]), beta=h.beta, label_smoothing=h.label_smoothing, simpo_gamma=h.simpo_gamma,
         )  # fmt: skip
-        nll = -logps[:B] / n[:B]  # (B,) token-mean NLL of each chosen completion
-        sft = h.sft_weight + (1.0 if h.loss == "orpo" else 0.0)
-        loss = losses.mean() + sft * nll.mean() if sft else losses.mean()
+        nll = -logps[:B] / n[:B]  # (B,) token-mean NLL of each chosen completion (the nll/chosen metric)
+        loss = losses.mean()
+        if sft:  # TRL's NLL term: a mean over the batch's chosen tokens (prompt included for on_prompt)
+            in_nll = (in_completion if seq is None else seq != -100)[:B]  # (B, T)
+            loss = loss - sft * (tokens[:B] * in_nll).sum() / in_nll.sum().clamp(min=1)
         rewards_c, rewards_r = rewards_c.detach(), rewards_r.detach()
         return {
             "loss": loss,

@@ -1,6 +1,7 @@
 """Parity with TRL (a dev dependency): on the same tiny model, reference, data and batch, TRL's DPOTrainer gives
-the same first-step loss, rewards and log-probs as ``Preference`` (fp32, 1e-5), on both backends; SimPO and ORPO
-against TRL's CPOTrainer.cpo_loss and ORPOTrainer.odds_ratio_loss on our log-probs."""
+the same first-step loss, rewards and log-probs as ``Preference`` (fp32, 1e-5), on both backends; so do TRL's
+ORPOTrainer (orpo, with its NLL over prompt and response) and CPOTrainer (simpo, with its completion NLL as
+``sft_weight``); and the SimPO and ORPO formulas equal CPOTrainer.cpo_loss and ORPOTrainer.odds_ratio_loss."""
 
 import types
 
@@ -102,3 +103,56 @@ def test_reference_free_losses_equal_trl(loss):
         torch.testing.assert_close(ours[0], -theirs[0].double(), rtol=1e-6, atol=1e-7)  # TRL: loss = nll - mean
     torch.testing.assert_close(ours[1], theirs[1].double(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(ours[2], theirs[2].double(), rtol=1e-6, atol=1e-7)
+
+
+def _trl_reference_free_first_step(policy, loss: str, tmp_path):
+    """TRL's ORPOTrainer (orpo) or CPOTrainer (loss_type simpo, cpo_alpha 0.5) on ROWS: its collated first batch
+    (chosen then rejected rows, as ours) and the loss and metrics of one loss computation."""
+    import datasets
+    import transformers
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    tok = transformers.AutoTokenizer.from_pretrained(policy)
+    model = transformers.AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
+    common = {"output_dir": str(tmp_path / "trl"), "per_device_train_batch_size": len(ROWS), "beta": 0.2,
+              "max_length": 64, "report_to": [], "use_cpu": True}  # fmt: skip
+    if loss == "orpo":
+        trainer_cls, args = ORPOTrainer, ORPOConfig(**common)
+    else:
+        args = CPOConfig(**common, loss_type="simpo", simpo_gamma=0.7, label_smoothing=0.1, cpo_alpha=0.5)
+        trainer_cls = CPOTrainer
+    trainer = trainer_cls(model=model, args=args, processing_class=tok, train_dataset=datasets.Dataset.from_list(ROWS))
+    raw = next(iter(trainer.get_train_dataloader()))
+    pad = getattr(trainer, "padding_value", None) or getattr(trainer, "pad_token_id", 0)  # ORPO, CPO name it apart
+    both = trainer.concatenated_inputs(raw, padding_value=pad)  # (2B, T): chosen, then rejected
+    batch = {"input_ids": both["concatenated_input_ids"], "attention_mask": both["concatenated_attention_mask"],
+             "labels": both["concatenated_labels"], "padded": True}  # fmt: skip
+    trainer.model.train()
+    loss_value = trainer.compute_loss(trainer.model, raw)
+    return batch, loss_value.item(), {k: v[-1] for k, v in trainer._stored_metrics["train"].items()}
+
+
+@pytest.mark.parametrize("backend", ["scratch", "hf"])
+@pytest.mark.parametrize("loss", ["orpo", "simpo"])
+def test_orpo_and_simpo_equal_trl_trainers(stand_in, tmp_path, backend, loss):
+    """Their whole first-step loss (the NLL term included), rewards and per-token mean log-probs (TRL logs means
+    for these losses; ours are sums, divided here by the completion lengths)."""
+    policy = stand_in("llama")
+    batch, trl_loss, trl_metrics = _trl_reference_free_first_step(policy, loss, tmp_path)
+    kwargs = {"simpo_gamma": 0.7, "label_smoothing": 0.1, "sft_weight": 0.5} if loss == "simpo" else {}
+    task = Preference(str(policy), backend=backend, loss=loss, beta=0.2, **kwargs)
+    task.configure_model()
+    out = task.step(batch, "train", 0)
+    assert out["loss"].item() == pytest.approx(trl_loss, abs=1e-5, rel=1e-5)
+    B = len(ROWS)
+    n = (batch["labels"][:, 1:] != -100).sum(-1)  # (2B,) completion tokens
+    values = {"rewards/chosen": out["rewards_chosen"], "rewards/rejected": out["rewards_rejected"],
+              "rewards/margins": out["rewards_chosen"] - out["rewards_rejected"],
+              "logps/chosen": out["logps_chosen"] / n[:B], "logps/rejected": out["logps_rejected"] / n[B:]}  # fmt: skip
+    for name, value in values.items():
+        assert value.mean().item() == pytest.approx(trl_metrics[name], abs=1e-5, rel=1e-5), name
+    if loss == "orpo":  # TRL's NLL term covers prompt and response: the task's default for orpo
+        completion_only = Preference(str(policy), backend=backend, loss=loss, beta=0.2, sft_on_prompt=False)
+        completion_only.configure_model()
+        assert abs(completion_only.step(batch, "train", 0)["loss"].item() - trl_loss) > 1e-3
