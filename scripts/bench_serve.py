@@ -1,6 +1,7 @@
 """Benchmark ``finetune serve`` under load, side by side with what a user would otherwise run, on one model folder.
 
-    python scripts/bench_serve.py [--model HF_FOLDER] [--tokens 32] [--requests 16] [--levels 1 2 4 8] [--no-hf]
+    python scripts/bench_serve.py [--model HF_FOLDER] [--tokens 32] [--requests 16] [--levels 1 2 4 8] [--rounds 3]
+        [--no-hf]
 
 Traffic goes to 127.0.0.1 only. Every request asks for exactly ``--tokens`` tokens (the benchmark's copy of the
 model has no EOS, so no request ends early), streamed through the ``openai`` async client; each concurrency level
@@ -154,50 +155,80 @@ def ours_url(proc) -> str:
     return "http://127.0.0.1:" + re.search(r":(\d+)\s*$", line).group(1)
 
 
+def summarize(rounds: list[list[dict]]) -> list[str]:
+    """A markdown table of the rounds: per server and level, the median over rounds (min-max) of output tokens/s and
+    the p50 time to first token and inter-token latency; then each row's ratio to offline generate at concurrency 1,
+    computed within each round (the rounds interleave every server, so a busy moment hits all of them)."""
+    import statistics
+
+    def spread(xs: list[float], fmt: str) -> str:
+        return f"{format(statistics.median(xs), fmt)} ({format(min(xs), fmt)}-{format(max(xs), fmt)})"
+
+    keys = list(dict.fromkeys((r["server"], r["concurrency"]) for r in rounds[0]))
+    at = [{(r["server"], r["concurrency"]): r for r in rnd} for rnd in rounds]
+    base = "offline finetune generate", 1
+    lines = [f"{len(rounds)} rounds; median (min-max) over rounds", "",
+             "| server | concurrency | output tok/s | vs offline generate | TTFT p50 ms | ITL p50 ms | ITL p99 ms "
+             "| errors |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key in keys:
+        rs = [a[key] for a in at if key in a]
+        ratio = [a[key]["tok/s"] / a[base]["tok/s"] for a in at if key in a and base in a]
+        lines.append(
+            f"| {key[0]} | {key[1]} | {spread([r['tok/s'] for r in rs], '.0f')} | {spread(ratio, '.2f')}x "
+            f"| {spread([1000 * r['ttft'][0] for r in rs], '.1f')} | {spread([1000 * r['itl'][0] for r in rs], '.2f')} "
+            f"| {spread([1000 * r['itl'][2] for r in rs], '.2f')} | {sum(r['errors'] for r in rs)} |"
+        )
+    return lines
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="a Hugging Face folder (default: a random quickstart-shaped LLaMA)")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--rounds", type=int, default=3, help="rounds, each measuring every server at every level")
     p.add_argument("--no-hf", action="store_true", help="leave out transformers serve")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
-    rows = []
+    t_start = time.perf_counter()
+    rounds: list[list[dict]] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = model_folder(args.model, Path(tmp) / "model")
-        rows.append(offline(folder, args.tokens, args.requests))
+        ours = [sys.executable, "-m", "finetune.cli", "serve", str(folder), "--port", "0", "--name", "m"]
         servers = [
-            ("finetune serve", [sys.executable, "-m", "finetune.cli", "serve", str(folder), "--port", "0",
-                                "--name", "m", "--max-batch", "8"], ours_url, "m"),
-            ("finetune serve --max-batch 1", [sys.executable, "-m", "finetune.cli", "serve", str(folder), "--port",
-                                              "0", "--name", "m", "--max-batch", "1"], ours_url, "m"),
-        ]  # fmt: skip
+            ("finetune serve", [*ours, "--max-batch", "8"], ours_url, "m"),
+            ("finetune serve --max-batch 1", [*ours, "--max-batch", "1"], ours_url, "m"),
+        ]
         if not args.no_hf:
             port = 18000 + os.getpid() % 1000
             hf = ["transformers", "serve", str(folder), "--host", "127.0.0.1", "--port", str(port)]
             servers.append(("transformers serve", hf, lambda _p, port=port: f"http://127.0.0.1:{port}", str(folder)))
-        for name, cmd, url_of, model in servers:
-            try:
-                proc, url = start(cmd, url_of, "/health")
-            except (RuntimeError, AttributeError) as e:
-                print(f"{name}: could not start ({e})", file=sys.stderr)
-                continue
-            try:
-                for c in args.levels:
-                    wall, results, errors = asyncio.run(level(url, model, args.tokens, args.requests, c))
-                    rows.append(row(name, c, wall, results, errors))
-                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-            finally:
+        running = []  # every server stays up for the whole run; only the one being measured gets traffic
+        try:
+            for name, cmd, url_of, model in servers:
+                try:
+                    proc, url = start(cmd, url_of, "/health")
+                except (RuntimeError, AttributeError) as e:
+                    print(f"{name}: could not start ({e})", file=sys.stderr)
+                    continue
+                running.append((name, proc, url, model))
+            for i in range(args.rounds):
+                rows = [offline(folder, args.tokens, args.requests)]
+                for name, _, url, model in running:
+                    for c in args.levels:
+                        wall, results, errors = asyncio.run(level(url, model, args.tokens, args.requests, c))
+                        rows.append(row(name, c, wall, results, errors))
+                        print(f"round {i + 1}:", json.dumps(rows[-1]), file=sys.stderr, flush=True)
+                rounds.append(rows)
+        finally:
+            for _, proc, _, _ in running:
                 stop(proc)
-    ms = lambda xs: "/".join(f"{1000 * x:.1f}" for x in xs)  # noqa: E731
-    print("| server | concurrency | req/s | output tok/s | TTFT p50/p90/p99 ms | ITL p50/p90/p99 ms | errors |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['server']} | {r['concurrency']} | {r['req/s']:.2f} | {r['tok/s']:.0f} | {ms(r['ttft'])} | "
-              f"{ms(r['itl'])} | {r['errors']} |")  # fmt: skip
+    print("\n".join(summarize(rounds)))
+    print(f"\n{args.requests} streamed requests of exactly {args.tokens} tokens per level; "
+          f"{time.perf_counter() - t_start:.0f} s in all")  # fmt: skip
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps(rounds, indent=1))
     return 0
 
 
