@@ -52,6 +52,33 @@ def model_folder(src: str | None, out: Path) -> Path:
     return out
 
 
+def deep_target(small: Path, out: Path, extra_layers: int) -> Path:
+    """``small`` with ``extra_layers`` more decoder layers whose output projections (o_proj, down_proj) are zero: the
+    same function (a zero layer adds 0 to the residual stream), at the cost of the deeper model. As the target of
+    ``small`` drafting for it, every proposal is kept: the best case of speculative decoding, on random weights."""
+    import torch
+    import transformers as T
+
+    model = T.AutoModelForCausalLM.from_pretrained(small)
+    config = model.config
+    n = config.num_hidden_layers
+    config.num_hidden_layers = n + extra_layers
+    torch.manual_seed(1)
+    deep = T.LlamaForCausalLM(config)
+    missing, unexpected = deep.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(int(k.split(".")[2]) >= n for k in missing), (missing, unexpected)
+    with torch.no_grad():
+        for layer in deep.model.layers[n:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    deep.save_pretrained(out)
+    T.AutoTokenizer.from_pretrained(small).save_pretrained(out)
+    for name in ("generation_config.json",):
+        if (small / name).is_file():
+            shutil.copy(small / name, out / name)
+    return out
+
+
 def pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
@@ -173,11 +200,17 @@ def summarize(rounds: list[list[dict]]) -> list[str]:
     for key in keys:
         rs = [a[key] for a in at if key in a]
         ratio = [a[key]["tok/s"] / a[base]["tok/s"] for a in at if key in a and base in a]
+        vs = f"{spread(ratio, '.2f')}x" if "target" not in key[0] else "(another model)"
         lines.append(
-            f"| {key[0]} | {key[1]} | {spread([r['tok/s'] for r in rs], '.0f')} | {spread(ratio, '.2f')}x "
+            f"| {key[0]} | {key[1]} | {spread([r['tok/s'] for r in rs], '.0f')} | {vs} "
             f"| {spread([1000 * r['ttft'][0] for r in rs], '.1f')} | {spread([1000 * r['itl'][0] for r in rs], '.2f')} "
             f"| {spread([1000 * r['itl'][2] for r in rs], '.2f')} | {sum(r['errors'] for r in rs)} |"
         )
+    for key in keys:  # --draft against the same target without it, within each round
+        plain = key[0].partition(", --draft")[0], key[1]
+        if plain != key and all(plain in a for a in at):
+            ratio = [a[key]["tok/s"] / a[plain]["tok/s"] for a in at if key in a]
+            lines.append(f"\n{key[0]} at concurrency {key[1]}: {spread(ratio, '.2f')}x the tokens/s without --draft")
     return lines
 
 
@@ -189,6 +222,10 @@ def main() -> int:
     p.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--rounds", type=int, default=3, help="rounds, each measuring every server at every level")
     p.add_argument("--no-hf", action="store_true", help="leave out transformers serve")
+    p.add_argument("--draft-layers", type=int, default=28, help="layers the --draft rows' target adds to the model")
+    p.add_argument("--draft-levels", type=int, nargs="*", default=[1, 8], help="levels of the --draft rows (none: "
+                   "leave them out)")  # fmt: skip
+    p.add_argument("--only-draft", action="store_true", help="only the --draft rows (and offline generate)")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
     t_start = time.perf_counter()
@@ -200,29 +237,39 @@ def main() -> int:
             ("finetune serve", [*ours, "--max-batch", "8"], ours_url, "m"),
             ("finetune serve --max-batch 1", [*ours, "--max-batch", "1"], ours_url, "m"),
         ]
-        if not args.no_hf:
+        if args.only_draft:
+            servers = []
+        if args.draft_levels:
+            deep = deep_target(folder, Path(tmp) / "deep", args.draft_layers)
+            big = [sys.executable, "-m", "finetune.cli", "serve", str(deep), "--port", "0", "--name", "m"]
+            servers += [
+                (f"finetune serve, {4 + args.draft_layers}-layer target", big, ours_url, "m", args.draft_levels),
+                (f"finetune serve, {4 + args.draft_layers}-layer target, --draft the 4-layer model",
+                 [*big, "--draft", str(folder)], ours_url, "m", args.draft_levels),
+            ]  # fmt: skip
+        if not args.no_hf and not args.only_draft:
             port = 18000 + os.getpid() % 1000
             hf = ["transformers", "serve", str(folder), "--host", "127.0.0.1", "--port", str(port)]
             servers.append(("transformers serve", hf, lambda _p, port=port: f"http://127.0.0.1:{port}", str(folder)))
         running = []  # every server stays up for the whole run; only the one being measured gets traffic
         try:
-            for name, cmd, url_of, model in servers:
+            for name, cmd, url_of, model, *levels in servers:
                 try:
                     proc, url = start(cmd, url_of, "/health")
                 except (RuntimeError, AttributeError) as e:
                     print(f"{name}: could not start ({e})", file=sys.stderr)
                     continue
-                running.append((name, proc, url, model))
+                running.append((name, proc, url, model, levels[0] if levels else args.levels))
             for i in range(args.rounds):
                 rows = [offline(folder, args.tokens, args.requests)]
-                for name, _, url, model in running:
-                    for c in args.levels:
+                for name, _, url, model, levels in running:
+                    for c in levels:
                         wall, results, errors = asyncio.run(level(url, model, args.tokens, args.requests, c))
                         rows.append(row(name, c, wall, results, errors))
                         print(f"round {i + 1}:", json.dumps(rows[-1]), file=sys.stderr, flush=True)
                 rounds.append(rows)
         finally:
-            for _, proc, _, _ in running:
+            for _, proc, *_ in running:
                 stop(proc)
     print("\n".join(summarize(rounds)))
     print(f"\n{args.requests} streamed requests of exactly {args.tokens} tokens per level; "
