@@ -302,7 +302,9 @@ class Engine:
         self._take(r, argmax if greedy else int(next_token(logits, r.sampling, r.generator)))
 
     def _take(self, r: Request, tok: int) -> None:
-        """Appends a token to the request: its text, and its end when it has come."""
+        """Appends a token to the request: its text, and its end when it has come (nothing, once cancelled)."""
+        if r.cancelled:
+            return
         now = time.perf_counter()
         if self.metrics is not None:
             self.metrics.token(r, now)

@@ -133,3 +133,26 @@ def test_a_draft_of_another_vocabulary_is_refused_at_start(folders, stand_in):
                           "PATH": "/usr/bin:/bin", "HOME": "/tmp"})  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert f"--draft {stand_in('llama')}: its tokenizer differs from the target's" in proc.stderr
+
+
+def test_a_cancelled_request_with_a_draft_frees_its_rows_and_leaves_the_others_exact(loaded, draft):
+    engine = Engine(loaded.model, max_batch=4, draft=draft.model, draft_tokens=3).start()
+    done: queue.Queue = queue.Queue()
+    jobs = [(p, SamplingConfig(max_new_tokens=12, temperature=0.0)) for p in PROMPTS[:3]]
+    reqs = []
+    try:
+        for i, (prompt, sampling) in enumerate(jobs):
+            emit = lambda e, i=i: ("finish_reason" in e and done.put(i)) or (i == 1 and engine.cancel(reqs[1]))  # noqa: E731
+            reqs.append(Request(loaded.encode(prompt), sampling, [], TextOut(loaded.tokenizer, []), emit))
+        for r in reqs:
+            engine.submit(r)
+        assert sorted(done.get(timeout=60) for _ in range(2)) == [0, 2]
+        for _ in range(100):
+            if engine.counts == (0, 0):
+                break
+            time.sleep(0.05)
+        assert engine.counts == (0, 0) and engine.draft.lengths == [] and engine.runner.lengths == []
+    finally:
+        engine.stop(timeout=10)
+    assert [reqs[i].generated for i in (0, 2)] == [alone(loaded, *jobs[i]) for i in (0, 2)]
+    assert len(reqs[1].generated) < 12
