@@ -1,14 +1,17 @@
 """Benchmark ``finetune serve`` under load, side by side with what a user would otherwise run, on one model folder.
 
     python scripts/bench_serve.py [--model HF_FOLDER] [--tokens 32] [--requests 16] [--levels 1 2 4 8] [--rounds 3]
-        [--no-hf]
+        [--no-hf] [--baseline CHECKOUT] [--draft-levels 1 8] [--draft-layers 28] [--only-draft]
 
 Traffic goes to 127.0.0.1 only. Every request asks for exactly ``--tokens`` tokens (the benchmark's copy of the
 model has no EOS, so no request ends early), streamed through the ``openai`` async client; each concurrency level
 sends ``--requests`` requests. Rows: offline ``finetune generate`` one prompt at a time (inference.complete, what the
 command runs), ``finetune serve`` (continuous batching, --max-batch 8), ``finetune serve --max-batch 1`` (what
-batching buys), and ``transformers serve`` on the same folder. Default model: a random LLaMA of the quickstart's
-shape (1M parameters) with the quickstart tokenizer.
+batching buys), and ``transformers serve`` on the same folder; then ``finetune serve`` on a deeper target with and
+without ``--draft`` the model (see ``deep_target``). Default model: a random LLaMA of the quickstart's shape (1M
+parameters) with the quickstart tokenizer. Every server stays up for the whole run, and each of ``--rounds`` rounds
+measures all of them, so a busy moment of the machine hits every row; the table gives medians and (min-max) over
+rounds, and each ratio is taken within a round.
 """
 
 import argparse
@@ -225,6 +228,8 @@ def main() -> int:
     p.add_argument("--draft-layers", type=int, default=28, help="layers the --draft rows' target adds to the model")
     p.add_argument("--draft-levels", type=int, nargs="*", default=[1, 8], help="levels of the --draft rows (none: "
                    "leave them out)")  # fmt: skip
+    p.add_argument("--baseline", metavar="CHECKOUT", help="also `finetune serve` from another checkout of this "
+                   "repository (before/after a change, measured in the same rounds)")  # fmt: skip
     p.add_argument("--only-draft", action="store_true", help="only the --draft rows (and offline generate)")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
@@ -237,6 +242,9 @@ def main() -> int:
             ("finetune serve", [*ours, "--max-batch", "8"], ours_url, "m"),
             ("finetune serve --max-batch 1", [*ours, "--max-batch", "1"], ours_url, "m"),
         ]
+        if args.baseline:
+            env = ["env", f"PYTHONPATH={Path(args.baseline).resolve()}"]
+            servers.append((f"finetune serve @ {args.baseline}", [*env, *ours, "--max-batch", "8"], ours_url, "m"))
         if args.only_draft:
             servers = []
         if args.draft_levels:
