@@ -469,6 +469,7 @@ def chat_command(argv: list[str], stdin=None) -> int:
 
 
 def serve_command(argv: list[str]) -> int:
+    from finetune.generation import DRAFT_TOKENS
     from finetune.serving.server import serve
 
     parser = argparse.ArgumentParser(
@@ -491,6 +492,10 @@ def serve_command(argv: list[str]) -> int:
     parser.add_argument("--grace", type=float, default=30.0, help="seconds SIGTERM waits for running requests")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN_FOLDER",
                         help="also serve a LoRA run trained on MODEL, unmerged, as NAME (repeatable)")  # fmt: skip
+    parser.add_argument("--draft", metavar="SMALL_MODEL", help="a smaller model with the same tokenizer: speculative "
+                        "decoding of every batch (same greedy output, fewer passes of MODEL)")  # fmt: skip
+    parser.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS, metavar="K",
+                        help=f"tokens the draft proposes per step (default {DRAFT_TOKENS})")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         adapters = {}
@@ -509,7 +514,8 @@ def serve_command(argv: list[str]) -> int:
         return serve(args.model, host=args.host, port=args.port, ckpt=args.ckpt, device=_device(args),
                      name=args.name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                      max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
-                     grace=args.grace, adapters=adapters)  # fmt: skip
+                     grace=args.grace, adapters=adapters, draft=args.draft,
+                     draft_tokens=args.draft_tokens)  # fmt: skip
     except (OSError, ValueError) as e:
         print(f"finetune serve: error: {e}", file=sys.stderr)
         return 2
@@ -563,7 +569,7 @@ commands:
   attention MODEL --prompt TEXT [--layers I,J] --out DIR
                       attention maps: a PNG heat map per layer (a panel per head) and the weights as .npz
   serve MODEL [--host 127.0.0.1 --port 8000 --api-key KEY|--api-key-file F --max-batch N --max-queue N
-               --max-tokens-limit N --adapter NAME=RUN_FOLDER ...]
+               --max-tokens-limit N --adapter NAME=RUN_FOLDER ... --draft SMALL_MODEL --draft-tokens K]
                       an OpenAI-compatible HTTP server, batching concurrent requests continuously
   demo                convert a small random HF LLaMA, check parity with transformers, generate
 """

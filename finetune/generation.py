@@ -224,6 +224,44 @@ def _probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return filter_logits(logits.float() / cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p).softmax(-1)
 
 
+DRAFT_TOKENS = 4  # tokens a draft model proposes per step, unless told otherwise (generate --draft, serve --draft)
+
+
+def propose(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None):
+    """A draft model's proposal from its logits (1, V): (token, q), q the draft's distribution (V,) it was sampled
+    from, None when greedy (the argmax; nothing to compare in ``accept``)."""
+    if cfg.temperature == 0:
+        return int(logits[0].argmax()), None
+    q = _probs(logits, cfg)[0]
+    return int(torch.multinomial(q, 1, generator=generator)), q
+
+
+def accept(drafts: list[int], q: list, logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None):
+    """The target's verdict on k draft tokens, from its logits (k + 1, V) at the k drafts and the position after:
+    (n, token), the first n drafts kept and the target's token after them.
+
+    Greedy: a draft is kept while it is the target's argmax, and the token is the argmax after them. Sampling (q: the
+    draft's distribution at each draft, from ``propose``): draft x is kept with probability min(1, p(x) / q(x)); at
+    the first rejection the token is drawn from max(0, p - q) renormalized, and when all are kept, from p."""
+    k = len(drafts)
+    if cfg.temperature == 0:
+        best = logits.argmax(-1).tolist()  # (k + 1,)
+        n = next((i for i in range(k) if drafts[i] != best[i]), k)
+        return n, best[n]
+    p = _probs(logits, cfg)  # (k + 1, V)
+    n = 0
+    for i, x in enumerate(drafts):  # keep x with probability min(1, p(x) / q(x)), i.e. when u * q(x) < p(x)
+        u = torch.rand((), device=logits.device, generator=generator)
+        if not bool(u * q[i][x] < p[i, x]):
+            break
+        n += 1
+    # Rejected at n: draw from the part of p the draft under-proposes; all kept: a bonus token from p.
+    rest = (p[n] - q[n]).clamp(min=0) if n < k else p[n]
+    if not bool(rest.sum() > 0):  # p == q up to rounding: the residual is empty, p itself is right
+        rest = p[n]
+    return n, int(torch.multinomial(rest, 1, generator=generator))
+
+
 def _truncate(cache: list, size: int) -> None:
     for c in cache:
         c.truncate(size)
@@ -236,7 +274,7 @@ def speculative_generate(
     input_ids: torch.Tensor,
     *,
     max_new_tokens: int = 64,
-    num_draft_tokens: int = 4,
+    num_draft_tokens: int = DRAFT_TOKENS,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -281,7 +319,6 @@ def speculative_generate(
     stops = {int(i) for i in _stop_ids(eos, stop_token_ids)}
     device = input_ids.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    greedy = cfg.temperature == 0
     # Both caches hold a prefix of `tokens`; each forward feeds what its cache lacks. The target never holds more
     # than T + n_max - 1 tokens (the last token is sampled, not fed), nor does the draft.
     target_cache, draft_cache = target.make_cache(1, T + n_max), draft.make_cache(1, T + n_max)
@@ -301,32 +338,14 @@ def speculative_generate(
         for _ in range(k):
             logits = run(draft, draft_cache, (tokens + drafts)[draft_cache[0].size :], 1)  # (1, V)
             stats.draft_forward_passes += 1
-            if greedy:
-                drafts.append(int(logits[0].argmax()))
-            else:
-                q.append(_probs(logits, cfg)[0])
-                drafts.append(int(torch.multinomial(q[-1], 1, generator=generator)))
+            tok, dist = propose(logits, cfg, generator)
+            drafts.append(tok)
+            q.append(dist)
         # 2. The target scores the k drafts, and the position after them, in one forward.
         logits = run(target, target_cache, (tokens + drafts)[target_cache[0].size :], k + 1)  # (k + 1, V)
         stats.target_forward_passes += 1
         # 3. Keep the longest acceptable prefix of the drafts, then one token from the target.
-        if greedy:
-            best = logits.argmax(-1).tolist()  # (k + 1,)
-            n = next((i for i in range(k) if drafts[i] != best[i]), k)
-            nxt = best[n]
-        else:
-            p = _probs(logits, cfg)  # (k + 1, V)
-            n = 0
-            for i, x in enumerate(drafts):  # keep x with probability min(1, p(x) / q(x)), i.e. when u * q(x) < p(x)
-                u = torch.rand((), device=device, generator=generator)
-                if not bool(u * q[i][x] < p[i, x]):
-                    break
-                n += 1
-            # Rejected at n: draw from the part of p the draft under-proposes; all kept: a bonus token from p.
-            rest = (p[n] - q[n]).clamp(min=0) if n < k else p[n]
-            if not bool(rest.sum() > 0):  # p == q up to rounding: the residual is empty, p itself is right
-                rest = p[n]
-            nxt = int(torch.multinomial(rest, 1, generator=generator))
+        n, nxt = accept(drafts, q, logits, cfg, generator)
         stats.proposed += k
         stats.accepted += n
         # 4. Forget the rejected drafts: the target's cache holds all k, the draft's the first k - 1 (the last draft

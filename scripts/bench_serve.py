@@ -1,13 +1,17 @@
 """Benchmark ``finetune serve`` under load, side by side with what a user would otherwise run, on one model folder.
 
-    python scripts/bench_serve.py [--model HF_FOLDER] [--tokens 32] [--requests 16] [--levels 1 2 4 8] [--no-hf]
+    python scripts/bench_serve.py [--model HF_FOLDER] [--tokens 32] [--requests 16] [--levels 1 2 4 8] [--rounds 3]
+        [--no-hf] [--baseline CHECKOUT] [--draft-levels 1 8] [--draft-layers 28] [--only-draft]
 
 Traffic goes to 127.0.0.1 only. Every request asks for exactly ``--tokens`` tokens (the benchmark's copy of the
 model has no EOS, so no request ends early), streamed through the ``openai`` async client; each concurrency level
 sends ``--requests`` requests. Rows: offline ``finetune generate`` one prompt at a time (inference.complete, what the
 command runs), ``finetune serve`` (continuous batching, --max-batch 8), ``finetune serve --max-batch 1`` (what
-batching buys), and ``transformers serve`` on the same folder. Default model: a random LLaMA of the quickstart's
-shape (1M parameters) with the quickstart tokenizer.
+batching buys), and ``transformers serve`` on the same folder; then ``finetune serve`` on a deeper target with and
+without ``--draft`` the model (see ``deep_target``). Default model: a random LLaMA of the quickstart's shape (1M
+parameters) with the quickstart tokenizer. Every server stays up for the whole run, and each of ``--rounds`` rounds
+measures all of them, so a busy moment of the machine hits every row; the table gives medians and (min-max) over
+rounds, and each ratio is taken within a round.
 """
 
 import argparse
@@ -48,6 +52,33 @@ def model_folder(src: str | None, out: Path) -> Path:
             d = json.loads(f.read_text())
             d["eos_token_id"] = None
             f.write_text(json.dumps(d))
+    return out
+
+
+def deep_target(small: Path, out: Path, extra_layers: int) -> Path:
+    """``small`` with ``extra_layers`` more decoder layers whose output projections (o_proj, down_proj) are zero: the
+    same function (a zero layer adds 0 to the residual stream), at the cost of the deeper model. As the target of
+    ``small`` drafting for it, every proposal is kept: the best case of speculative decoding, on random weights."""
+    import torch
+    import transformers as T
+
+    model = T.AutoModelForCausalLM.from_pretrained(small)
+    config = model.config
+    n = config.num_hidden_layers
+    config.num_hidden_layers = n + extra_layers
+    torch.manual_seed(1)
+    deep = T.LlamaForCausalLM(config)
+    missing, unexpected = deep.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(int(k.split(".")[2]) >= n for k in missing), (missing, unexpected)
+    with torch.no_grad():
+        for layer in deep.model.layers[n:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    deep.save_pretrained(out)
+    T.AutoTokenizer.from_pretrained(small).save_pretrained(out)
+    for name in ("generation_config.json",):
+        if (small / name).is_file():
+            shutil.copy(small / name, out / name)
     return out
 
 
@@ -154,50 +185,105 @@ def ours_url(proc) -> str:
     return "http://127.0.0.1:" + re.search(r":(\d+)\s*$", line).group(1)
 
 
+def summarize(rounds: list[list[dict]]) -> list[str]:
+    """A markdown table of the rounds: per server and level, the median over rounds (min-max) of output tokens/s and
+    the p50 time to first token and inter-token latency; then each row's ratio to offline generate at concurrency 1,
+    computed within each round (the rounds interleave every server, so a busy moment hits all of them)."""
+    import statistics
+
+    def spread(xs: list[float], fmt: str) -> str:
+        return f"{format(statistics.median(xs), fmt)} ({format(min(xs), fmt)}-{format(max(xs), fmt)})"
+
+    keys = list(dict.fromkeys((r["server"], r["concurrency"]) for r in rounds[0]))
+    at = [{(r["server"], r["concurrency"]): r for r in rnd} for rnd in rounds]
+    base = "offline finetune generate", 1
+    lines = [f"{len(rounds)} rounds; median (min-max) over rounds", "",
+             "| server | concurrency | output tok/s | vs offline generate | TTFT p50 ms | ITL p50 ms | ITL p99 ms "
+             "| errors |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key in keys:
+        rs = [a[key] for a in at if key in a]
+        ratio = [a[key]["tok/s"] / a[base]["tok/s"] for a in at if key in a and base in a]
+        vs = f"{spread(ratio, '.2f')}x" if "target" not in key[0] else "(another model)"
+        lines.append(
+            f"| {key[0]} | {key[1]} | {spread([r['tok/s'] for r in rs], '.0f')} | {vs} "
+            f"| {spread([1000 * r['ttft'][0] for r in rs], '.1f')} | {spread([1000 * r['itl'][0] for r in rs], '.2f')} "
+            f"| {spread([1000 * r['itl'][2] for r in rs], '.2f')} | {sum(r['errors'] for r in rs)} |"
+        )
+    for key in keys:  # --draft against the same target without it, within each round
+        plain = key[0].partition(", --draft")[0], key[1]
+        if plain != key and all(plain in a for a in at):
+            ratio = [a[key]["tok/s"] / a[plain]["tok/s"] for a in at if key in a]
+            lines.append(f"\n{key[0]} at concurrency {key[1]}: {spread(ratio, '.2f')}x the tokens/s without --draft")
+    return lines
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="a Hugging Face folder (default: a random quickstart-shaped LLaMA)")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--rounds", type=int, default=3, help="rounds, each measuring every server at every level")
     p.add_argument("--no-hf", action="store_true", help="leave out transformers serve")
+    p.add_argument("--draft-layers", type=int, default=28, help="layers the --draft rows' target adds to the model")
+    p.add_argument("--draft-levels", type=int, nargs="*", default=[1, 8], help="levels of the --draft rows (none: "
+                   "leave them out)")  # fmt: skip
+    p.add_argument("--baseline", metavar="CHECKOUT", help="also `finetune serve` from another checkout of this "
+                   "repository (before/after a change, measured in the same rounds)")  # fmt: skip
+    p.add_argument("--only-draft", action="store_true", help="only the --draft rows (and offline generate)")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
-    rows = []
+    t_start = time.perf_counter()
+    rounds: list[list[dict]] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = model_folder(args.model, Path(tmp) / "model")
-        rows.append(offline(folder, args.tokens, args.requests))
+        ours = [sys.executable, "-m", "finetune.cli", "serve", str(folder), "--port", "0", "--name", "m"]
         servers = [
-            ("finetune serve", [sys.executable, "-m", "finetune.cli", "serve", str(folder), "--port", "0",
-                                "--name", "m", "--max-batch", "8"], ours_url, "m"),
-            ("finetune serve --max-batch 1", [sys.executable, "-m", "finetune.cli", "serve", str(folder), "--port",
-                                              "0", "--name", "m", "--max-batch", "1"], ours_url, "m"),
-        ]  # fmt: skip
-        if not args.no_hf:
+            ("finetune serve", [*ours, "--max-batch", "8"], ours_url, "m"),
+            ("finetune serve --max-batch 1", [*ours, "--max-batch", "1"], ours_url, "m"),
+        ]
+        if args.baseline:
+            env = ["env", f"PYTHONPATH={Path(args.baseline).resolve()}"]
+            servers.append((f"finetune serve @ {args.baseline}", [*env, *ours, "--max-batch", "8"], ours_url, "m"))
+        if args.only_draft:
+            servers = []
+        if args.draft_levels:
+            deep = deep_target(folder, Path(tmp) / "deep", args.draft_layers)
+            big = [sys.executable, "-m", "finetune.cli", "serve", str(deep), "--port", "0", "--name", "m"]
+            servers += [
+                (f"finetune serve, {4 + args.draft_layers}-layer target", big, ours_url, "m", args.draft_levels),
+                (f"finetune serve, {4 + args.draft_layers}-layer target, --draft the 4-layer model",
+                 [*big, "--draft", str(folder)], ours_url, "m", args.draft_levels),
+            ]  # fmt: skip
+        if not args.no_hf and not args.only_draft:
             port = 18000 + os.getpid() % 1000
             hf = ["transformers", "serve", str(folder), "--host", "127.0.0.1", "--port", str(port)]
             servers.append(("transformers serve", hf, lambda _p, port=port: f"http://127.0.0.1:{port}", str(folder)))
-        for name, cmd, url_of, model in servers:
-            try:
-                proc, url = start(cmd, url_of, "/health")
-            except (RuntimeError, AttributeError) as e:
-                print(f"{name}: could not start ({e})", file=sys.stderr)
-                continue
-            try:
-                for c in args.levels:
-                    wall, results, errors = asyncio.run(level(url, model, args.tokens, args.requests, c))
-                    rows.append(row(name, c, wall, results, errors))
-                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-            finally:
+        running = []  # every server stays up for the whole run; only the one being measured gets traffic
+        try:
+            for name, cmd, url_of, model, *levels in servers:
+                try:
+                    proc, url = start(cmd, url_of, "/health")
+                except (RuntimeError, AttributeError) as e:
+                    print(f"{name}: could not start ({e})", file=sys.stderr)
+                    continue
+                running.append((name, proc, url, model, levels[0] if levels else args.levels))
+            for i in range(args.rounds):
+                rows = [offline(folder, args.tokens, args.requests)]
+                for name, _, url, model, levels in running:
+                    for c in levels:
+                        wall, results, errors = asyncio.run(level(url, model, args.tokens, args.requests, c))
+                        rows.append(row(name, c, wall, results, errors))
+                        print(f"round {i + 1}:", json.dumps(rows[-1]), file=sys.stderr, flush=True)
+                rounds.append(rows)
+        finally:
+            for _, proc, *_ in running:
                 stop(proc)
-    ms = lambda xs: "/".join(f"{1000 * x:.1f}" for x in xs)  # noqa: E731
-    print("| server | concurrency | req/s | output tok/s | TTFT p50/p90/p99 ms | ITL p50/p90/p99 ms | errors |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['server']} | {r['concurrency']} | {r['req/s']:.2f} | {r['tok/s']:.0f} | {ms(r['ttft'])} | "
-              f"{ms(r['itl'])} | {r['errors']} |")  # fmt: skip
+    print("\n".join(summarize(rounds)))
+    print(f"\n{args.requests} streamed requests of exactly {args.tokens} tokens per level; "
+          f"{time.perf_counter() - t_start:.0f} s in all")  # fmt: skip
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps(rounds, indent=1))
     return 0
 
 

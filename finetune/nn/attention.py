@@ -90,9 +90,11 @@ class SlotKVCache(KVCache):
     """A KV cache whose rows are independent sequences (continuous batching): row b holds ``lengths[b]`` positions.
 
     The first ``rows`` rows are in use (kept contiguous, so a step runs on ``k[:rows]``, a view). A request enters
-    with ``put`` (its prompt's keys and values, prefilled on their own), each decode step appends one position per
-    row with ``update`` at that row's own length, and ``drop`` frees a row by moving the last one into it. Reads
-    return ``size = max(lengths)`` positions; a row's stale positions past its length are hidden by ``mask``.
+    with ``put`` (its prompt's keys and values, prefilled on their own), each step appends T positions to every row
+    with ``update`` at that row's own length, ``rewind`` forgets each row's tail (rejected draft tokens), and
+    ``drop`` frees a row by moving the last one into it. Reads return ``size = max(lengths)`` positions; a row's
+    stale positions past its length are hidden by ``mask``. While every row has the same length (always so for one
+    row) a step is exactly a ``KVCache`` step: one contiguous write, no mask, positions counted from ``size``.
     """
 
     def __init__(self, *, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, dtype=None, device=None):
@@ -100,6 +102,12 @@ class SlotKVCache(KVCache):
                          dtype=dtype, device=device)  # fmt: skip
         self.rows = 0
         self.lengths: list[int] = []  # of the rows in use
+        self.uniform = True  # every row in use has the same length
+
+    def _set(self, lengths: list[int]) -> None:
+        self.rows, self.lengths = len(lengths), lengths
+        self.size = max(lengths, default=0)
+        self.uniform = min(lengths, default=0) == self.size
 
     def put(self, k: torch.Tensor, v: torch.Tensor) -> int:
         """Adds a row holding (1, H_kv, T, D) keys and values; returns its index."""
@@ -109,43 +117,71 @@ class SlotKVCache(KVCache):
         self._reserve(T, k)
         self.k[row, :, :T].copy_(k[0])
         self.v[row, :, :T].copy_(v[0])
-        self.rows, self.lengths = row + 1, [*self.lengths, T]
-        self.size = max(self.lengths)
+        self._set([*self.lengths, T])
         return row
 
     def drop(self, row: int) -> None:
         """Frees ``row``; the last row moves into its place (callers renumber it)."""
-        last = self.rows - 1
+        last, lengths = self.rows - 1, list(self.lengths)
         if row != last:
-            n = self.lengths[last]
+            n = lengths[last]
             self.k[row, :, :n].copy_(self.k[last, :, :n])
             self.v[row, :, :n].copy_(self.v[last, :, :n])
-            self.lengths[row] = n
-        self.rows, self.lengths = last, self.lengths[:last]
-        self.size = max(self.lengths, default=0)
+            lengths[row] = n
+        self._set(lengths[:last])
 
-    def mask(self, device=None) -> torch.Tensor:
-        """(rows, size + 1) bool, True where a row has a position, for a step that appends one token to each row."""
-        lengths = torch.tensor(self.lengths, device=device)[:, None]  # (rows, 1)
-        return torch.arange(self.size + 1, device=device)[None] <= lengths  # (rows, size + 1)
+    def rewind(self, lengths: list[int]) -> None:
+        """Forgets row b's positions from ``lengths[b]`` on (each at most its length now); O(1), like ``truncate``."""
+        if len(lengths) != self.rows or any(not 0 <= n <= m for n, m in zip(lengths, self.lengths, strict=True)):
+            raise ValueError(f"cannot rewind rows of lengths {self.lengths} to {lengths}")
+        self._set(list(lengths))
+
+    def positions(self, T: int = 1, device=None) -> torch.Tensor | None:
+        """(rows, T) position ids of a step appending T tokens to each row; None when the rows share a length (the
+        model counts on from ``size`` itself)."""
+        if self.uniform:
+            return None
+        return torch.tensor(self.lengths, device=device)[:, None] + torch.arange(T, device=device)  # (rows, T)
+
+    def mask(self, T: int = 1, device=None, *, window: int | None = None) -> torch.Tensor | None:
+        """(rows, 1, T, size + T) bool for a step appending T tokens to each row: query t of row b sees that row's
+        first ``lengths[b] + t + 1`` positions (the last ``window`` of them, for sliding-window attention). None when
+        the rows share a length (the model's own causal/window mask is right then)."""
+        if self.uniform:
+            return None
+        keys = torch.arange(self.size + T, device=device)[None, None]  # (1, 1, S)
+        last = self.positions(T, device)[:, :, None]  # (rows, T, 1)
+        mask = keys <= last
+        if window is not None:
+            mask &= last - keys < window
+        return mask[:, None]  # (rows, 1, T, S)
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Appends (rows, H_kv, 1, D), each row at its own length; returns (rows, H_kv, size, D)."""
-        if k.size(0) != self.rows or k.size(2) != 1:
-            raise ValueError(f"a slot cache appends one token to each of its {self.rows} rows, got {tuple(k.shape)}")
-        if self.size + 1 > self.max_len:
-            raise ValueError(f"KV cache is full: a row of {self.size} tokens cannot grow past max_len {self.max_len}")
-        self._reserve(self.size + 1, k)
-        rows = torch.arange(self.rows, device=self.k.device)
-        at = torch.tensor(self.lengths, device=self.k.device)
-        self.k[rows, :, at] = k[:, :, 0]  # (rows, H_kv, D)
-        self.v[rows, :, at] = v[:, :, 0]
-        self.lengths = [n + 1 for n in self.lengths]
-        self.size = max(self.lengths)
+        """Appends (rows, H_kv, T, D), each row at its own length; returns (rows, H_kv, size, D)."""
+        T = k.size(2)
+        if k.size(0) != self.rows:
+            raise ValueError(f"a slot cache appends to each of its {self.rows} rows, got {tuple(k.shape)}")
+        if self.size + T > self.max_len:
+            raise ValueError(f"KV cache is full: a row of {self.size} tokens cannot grow by {T} past {self.max_len}")
+        self._reserve(self.size + T, k)
+        if self.uniform:  # one contiguous write, as KVCache.update
+            self.k[: self.rows].narrow(2, self.size, T).copy_(k)
+            self.v[: self.rows].narrow(2, self.size, T).copy_(v)
+        else:
+            rows = torch.arange(self.rows, device=self.k.device)[:, None]  # (rows, 1)
+            at = torch.tensor(self.lengths, device=self.k.device)[:, None] + torch.arange(T, device=self.k.device)
+            self.k[rows, :, at] = k.transpose(1, 2)  # (rows, T, H_kv, D)
+            self.v[rows, :, at] = v.transpose(1, 2)
+        self._set([n + T for n in self.lengths])
         return self.k[: self.rows].narrow(2, 0, self.size), self.v[: self.rows].narrow(2, 0, self.size)
 
     def truncate(self, size: int) -> None:
-        raise NotImplementedError("a slot cache frees whole rows (drop), not positions")
+        """Every row to ``size`` positions at most (``rewind`` sets each row's own)."""
+        self.rewind([min(n, size) for n in self.lengths])
+
+    def reset(self) -> None:
+        """Frees every row."""
+        self._set([])
 
 
 class AttentionNames(NamedTuple):
@@ -305,12 +341,15 @@ def build_mask(
     """Returns ``(mask, is_causal)`` for :class:`Attention`.
 
     Queries are the last ``q_len`` of ``k_len`` positions (earlier ones are in the KV cache).
-    ``padding_mask`` is (B, k_len), 1/True for real tokens. ``segment_ids`` (B, k_len) numbers the samples packed
+    ``padding_mask`` is (B, k_len), 1/True for real tokens, or a whole bool mask (B, 1, q_len, k_len), returned as
+    it is (rows of their own lengths, from ``SlotKVCache.mask``). ``segment_ids`` (B, k_len) numbers the samples packed
     into a row (0 = padding): a query attends only to keys of its own segment, so packed samples stay apart.
     The mask is bool (B|1, 1, q_len, k_len), True = attend; ``None`` with ``is_causal=True`` when plain causal
     attention suffices, which lets SDPA pick its fastest kernel, unless ``materialize`` asks for the mask itself
     (to add a position bias to).
     """
+    if padding_mask is not None and padding_mask.dim() == 4:  # the whole mask, made by the caller (SlotKVCache.mask)
+        return padding_mask, False
     no_padding = padding_mask is None and segment_ids is None
     if no_padding and sliding_window is None and not causal:
         return None, False

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from finetune.generation import SamplingConfig, check_context
 from finetune.serving.engine import Engine, QueueFull
 from finetune.serving.engine import Request as Job
+from finetune.serving.handoff import Mailbox, Post
 from finetune.serving.metrics import Metrics
 from finetune.serving.text import TextOut
 
@@ -90,6 +91,7 @@ class State:
     models: dict[str, Served] = field(default_factory=dict)  # empty until loaded: /health answers 503
     metrics: Metrics = field(default_factory=Metrics)
     load_error: str | None = None
+    post: Post | None = None  # hands the engines' events to the loop, made on the first request (the loop's)
 
 
 def build_app(state: State) -> FastAPI:
@@ -207,11 +209,12 @@ def _sampling(state: State, served: Served, body: Common, ids: list[int]) -> Sam
         raise APIError(400, f"n: only n=1 is supported, got {body.n}", param="n")
     field_name = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
     max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
-    model = served.loaded.model
+    model, draft = served.loaded.model, served.engine.draft
     if max_tokens is None:  # chat without a limit: what the context leaves, within --max-tokens-limit
         from finetune.generation import context_length
 
-        max_tokens = max(1, context_length(model)[0] - len(ids))
+        ctx = min(context_length(m)[0] for m in (model, draft and draft.model) if m is not None)
+        max_tokens = max(1, ctx - len(ids))
         if state.max_tokens_limit is not None:
             max_tokens = min(max_tokens, state.max_tokens_limit)
     elif state.max_tokens_limit is not None and max_tokens > state.max_tokens_limit:
@@ -219,6 +222,8 @@ def _sampling(state: State, served: Served, body: Common, ids: list[int]) -> Sam
                        param=field_name)  # fmt: skip
     try:
         check_context(model, len(ids), max_tokens)
+        if draft is not None:
+            check_context(draft.model, len(ids), max_tokens, whose="the draft model's")
     except ValueError as e:
         raise APIError(400, f"{field_name}: {str(e).replace('max_new_tokens', field_name)}", param=field_name) from None
     return SamplingConfig(max_tokens, body.temperature, body.top_k, body.top_p, body.seed)
@@ -228,9 +233,11 @@ async def _run(state, request, served: Served, body: Common, ids, stop_ids, extr
     """Submits the job and answers: one JSON object, or a stream of server-sent events."""
     sampling = _sampling(state, served, body, ids)
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    loop, events = asyncio.get_running_loop(), asyncio.Queue()
-    emit = lambda e: loop.call_soon_threadsafe(events.put_nowait, e)  # noqa: E731  (from the engine thread)
-    job = Job(ids, sampling, stop_ids, TextOut(served.loaded.tokenizer, stops + extra_stops), emit)
+    loop = asyncio.get_running_loop()
+    if state.post is None or state.post.loop is not loop:
+        state.post = Post(loop)
+    events = state.post.mailbox()
+    job = Job(ids, sampling, stop_ids, TextOut(served.loaded.tokenizer, stops + extra_stops), events.put)
     try:
         served.engine.submit(job)
     except QueueFull as e:
@@ -240,16 +247,14 @@ async def _run(state, request, served: Served, body: Common, ids, stop_ids, extr
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(_stream(served, job, events, meta, chat, usage), media_type="text/event-stream")
-    text = []
+    text, event = [], {}
     try:
-        while True:
-            event = await events.get()
-            if "error" in event:
-                raise APIError(500, event["error"], kind="server_error")
-            if "text" in event:
-                text.append(event["text"])
-            else:
-                break
+        while "finish_reason" not in event:
+            for event in await events.take():
+                if "error" in event:
+                    raise APIError(500, event["error"], kind="server_error")
+                if "text" in event:
+                    text.append(event["text"])
     finally:
         served.engine.cancel(job)  # a no-op once finished; frees the row of a request whose client left
     out = "".join(text)
@@ -264,9 +269,10 @@ def _usage(event: dict) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-async def _stream(served: Served, job: Job, events: asyncio.Queue, meta: dict, chat: bool, include_usage: bool):
+async def _stream(served: Served, job: Job, events: Mailbox, meta: dict, chat: bool, include_usage: bool):
     """OpenAI's chunks as server-sent events, ``data: [DONE]`` last; an error mid-stream is a ``data: {"error"}``
-    event. A client that disconnects cancels this generator: its row is freed at the engine's next step."""
+    event. The events pending at once go out in one write. A client that disconnects cancels this generator: its
+    row is freed at the engine's next step."""
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(text: str | None, finish: str | None, *, role: bool = False) -> str:
@@ -280,19 +286,23 @@ async def _stream(served: Served, job: Job, events: asyncio.Queue, meta: dict, c
     try:
         if chat:
             yield chunk("", None, role=True)
-        while True:
-            event = await events.get()
-            if "error" in event:
-                yield _sse({"error": {"message": event["error"], "type": "server_error", "code": 500}})
+        done = False
+        while not done:
+            out = []
+            for event in await events.take():
+                if "text" in event:
+                    out.append(chunk(event["text"], None))
+                    continue
+                if "error" in event:
+                    out.append(_sse({"error": {"message": event["error"], "type": "server_error", "code": 500}}))
+                else:
+                    out.append(chunk(None if chat else "", event["finish_reason"]))
+                    if include_usage:
+                        out.append(_sse({**meta, "object": obj, "choices": [], "usage": _usage(event)}))
+                out.append("data: [DONE]\n\n")
+                done = True
                 break
-            if "text" in event:
-                yield chunk(event["text"], None)
-                continue
-            yield chunk(None if chat else "", event["finish_reason"])
-            if include_usage:
-                yield _sse({**meta, "object": obj, "choices": [], "usage": _usage(event)})
-            break
-        yield "data: [DONE]\n\n"
+            yield "".join(out)
     finally:
         served.engine.cancel(job)
 

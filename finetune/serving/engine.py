@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from finetune.generation import SamplingConfig, context_length, next_token
+from finetune.generation import DRAFT_TOKENS, SamplingConfig, accept, context_length, next_token, propose
 from finetune.nn import SlotKVCache
 from finetune.serving.text import TextOut
 
@@ -74,14 +74,19 @@ class Scheduler:
 
 
 class Runner:
-    """Runs the model: a prompt alone (``prefill``), then one token for every row (``decode``)."""
+    """Runs the model: a prompt alone (``prefill``), then tokens appended to every row (``forward``).
 
-    def __init__(self, model, *, max_batch: int) -> None:
+    ``headroom``: positions past the context a row may be fed, as padding whose outputs nobody reads (a speculative
+    block is as long for every row, also for a row with fewer tokens left); they get the last position id, and the
+    row is rewound past them."""
+
+    def __init__(self, model, *, max_batch: int, headroom: int = 0) -> None:
         ctx = context_length(model)
         if ctx is None:
             raise ValueError("serving batches decoder-only models; this model is an encoder-decoder")
-        self.model, self.device = model, next(model.parameters()).device
-        self.cache = model.make_cache(max_batch, ctx[0], kind=SlotKVCache)
+        self.model, self.device, self.context = model, next(model.parameters()).device, ctx[0]
+        self.window = getattr(model.config, "sliding_window", None)
+        self.cache = model.make_cache(max_batch, ctx[0] + headroom, kind=SlotKVCache)
 
     @torch.inference_mode()
     def prefill(self, ids: list[int]) -> torch.Tensor:
@@ -94,25 +99,63 @@ class Runner:
         return logits
 
     @torch.inference_mode()
-    def decode(self, tokens: list[int]) -> torch.Tensor:
-        """Appends one token to each row (row i gets tokens[i]) at its own position. Returns (rows, V) logits."""
+    def forward(self, ids: list[list[int]], keep: int = 1) -> torch.Tensor:
+        """Appends ids[b] (T tokens, the same T for every row) to row b at its own positions. Returns the logits of
+        each row's last ``keep`` tokens, (rows, keep, V). Rows of one length (always so for one row) run exactly as a
+        ``generate`` step: no mask, no position ids."""
         first = self.cache[0]
-        x = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (rows, 1)
-        positions = torch.tensor(first.lengths, dtype=torch.long, device=self.device)[:, None]  # (rows, 1)
-        mask = first.mask(self.device)  # (rows, size + 1)
-        return self.model(x, attention_mask=mask, position_ids=positions, cache=self.cache, logits_to_keep=1)[:, -1]
+        x = torch.tensor(ids, dtype=torch.long, device=self.device)  # (rows, T)
+        T = x.size(1)
+        mask = first.mask(T, self.device, window=self.window)  # (rows, 1, T, size + T) or None
+        positions = first.positions(T, self.device)  # (rows, T) or None
+        if first.size + T > self.context:  # padding past a row's end: any valid position (its outputs go unread)
+            if positions is None:
+                positions = torch.arange(first.size, first.size + T, device=self.device)[None]  # (1, T)
+            positions = positions.clamp(max=self.context - 1)
+        return self.model(x, attention_mask=mask, position_ids=positions, cache=self.cache, logits_to_keep=keep)
+
+    def decode(self, tokens: list[int]) -> torch.Tensor:
+        """Appends one token to each row (row i gets tokens[i]). Returns (rows, V) logits."""
+        return self.forward([[t] for t in tokens])[:, -1]
+
+    def rewind(self, lengths: list[int]) -> None:
+        """Row b keeps its first ``lengths[b]`` positions."""
+        for c in self.cache:
+            c.rewind(lengths)
+
+    @property
+    def lengths(self) -> list[int]:
+        return self.cache[0].lengths
 
     def drop(self, row: int) -> None:
         for c in self.cache:
             c.drop(row)
 
+    def reset(self) -> None:
+        """Frees every row."""
+        for c in self.cache:
+            c.reset()
+
 
 class Engine:
-    """The thread that owns the model: admits, prefills, decodes, and hands each request its text."""
+    """The thread that owns the model: admits, prefills, decodes, and hands each request its text.
 
-    def __init__(self, model, *, max_batch: int = 8, max_queue: int = 64, metrics=None) -> None:
+    With a ``draft`` model (same vocabulary; ``finetune.inference.check_draft``) every step is a speculative one, as
+    ``generation.speculative_generate`` does for one prompt, for all rows at once: the draft, in KV slots of its own,
+    proposes up to ``draft_tokens`` tokens for each row (row by row its own count: what its ``max_new_tokens``
+    leaves), the target scores every row's block in one forward, each row keeps what ``generation.accept`` keeps, and
+    both caches rewind each row to its own length."""
+
+    def __init__(
+        self, model, *, max_batch: int = 8, max_queue: int = 64, metrics=None, draft=None, draft_tokens=DRAFT_TOKENS
+    ) -> None:
+        if draft_tokens < 1:
+            raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
+        headroom = draft_tokens if draft is not None else 0
         self.scheduler = Scheduler(max_batch=max_batch, max_queue=max_queue)
-        self.runner = Runner(model, max_batch=max_batch)
+        self.runner = Runner(model, max_batch=max_batch, headroom=headroom)
+        self.draft = None if draft is None else Runner(draft, max_batch=max_batch, headroom=headroom)
+        self.draft_tokens = draft_tokens
         self.metrics = metrics
         self._wake = threading.Condition()
         self._stop = False
@@ -166,7 +209,9 @@ class Engine:
                 with self._wake:
                     for i in reversed(range(len(self.scheduler.running))):
                         self.scheduler.remove(i).emit({"error": f"generation failed: {type(e).__name__}: {e}"})
-                        self.runner.drop(i)
+                    for runner in (self.runner, self.draft):
+                        if runner is not None:
+                            runner.reset()
                     for r in admitted:
                         if r.finish_reason is None and r not in self.scheduler.running:
                             r.emit({"error": f"generation failed: {type(e).__name__}: {e}"})
@@ -177,7 +222,9 @@ class Engine:
         the rows that finished or were cancelled."""
         sched = self.scheduler
         self._drop_finished()
-        if sched.running:
+        if sched.running and self.draft is not None:
+            self._speculate()
+        elif sched.running:
             logits = self.runner.decode([r.generated[-1] for r in sched.running])  # (rows, V)
             argmax = logits.argmax(-1).tolist()  # every greedy row's token, in one host sync
             for i, r in enumerate(sched.running):
@@ -186,27 +233,78 @@ class Engine:
             if r.sampling.seed is not None:  # as ``generate`` seeds its own generator, on the model's device
                 r.generator = torch.Generator(device=self.runner.device).manual_seed(r.sampling.seed)
             logits = self.runner.prefill(r.ids)
+            if self.draft is not None:
+                self.draft.prefill(r.ids)
             with self._wake:
                 sched.running.append(r)
             self._sample(r, logits)
         self._drop_finished()
 
     def _drop_finished(self) -> None:
+        if not any(r.cancelled or r.finish_reason is not None for r in self.scheduler.running):
+            return  # the common step: nothing to lock, drop or count
         with self._wake:
             for i in reversed(range(len(self.scheduler.running))):  # descending: a moved row was already checked
                 r = self.scheduler.running[i]
                 if r.cancelled or r.finish_reason is not None:
                     self.scheduler.remove(i)
                     self.runner.drop(i)
+                    if self.draft is not None:
+                        self.draft.drop(i)
             self._gauges()
 
+    def _speculate(self) -> None:
+        """One speculative step for every running row (see the class docstring). Row b's context is its prompt and
+        tokens; the target holds all of it but the last token, the draft all but the last one or two."""
+        rows = self.scheduler.running
+        ks = [min(self.draft_tokens, r.sampling.max_new_tokens - len(r.generated) - 1) for r in rows]
+        k = max(ks)  # the block every row is fed; a row past its own ks[b] is fed padding (its argmax), unread
+        lengths = [len(r.ids) + len(r.generated) for r in rows]
+        drafts: list[list[int]] = [[] for _ in rows]
+        qs: list[list] = [[] for _ in rows]
+        block = [[r.generated[-1]] for r in rows]  # what the target is fed: the last token, then the drafts
+        if k:
+            # Every row feeds the draft the same number of tokens: one that lacks one re-feeds its last.
+            lag = max(n - d for n, d in zip(lengths, self.draft.lengths, strict=True))
+            self.draft.rewind([n - lag for n in lengths])
+            feed = [(r.ids[-lag:] + r.generated)[-lag:] for r in rows]
+            for j in range(k):
+                logits = self.draft.forward(feed)[:, -1]  # (rows, V)
+                argmax = logits.argmax(-1).tolist()
+                for b, r in enumerate(rows):
+                    tok, q = argmax[b], None  # greedy rows' proposal (and every row's padding)
+                    if j < ks[b]:
+                        if r.sampling.temperature:
+                            tok, q = propose(logits[b : b + 1], r.sampling, r.generator)
+                        drafts[b].append(tok)
+                        qs[b].append(q)
+                    block[b].append(tok)
+                feed = [blk[-1:] for blk in block]
+        logits = self.runner.forward(block, keep=k + 1)  # (rows, k + 1, V)
+        kept = []
+        for b, r in enumerate(rows):
+            n, nxt = accept(drafts[b], qs[b], logits[b, : ks[b] + 1], r.sampling, r.generator)
+            if self.metrics is not None:
+                self.metrics.drafted(ks[b], n)
+            kept.append(n)
+            for tok in [*drafts[b][:n], nxt]:
+                self._take(r, tok)
+                if r.finish_reason is not None or r.cancelled:
+                    break
+        self.runner.rewind([n + m for n, m in zip(lengths, kept, strict=True)])
+        self.draft.rewind([min(d, n + m) for d, n, m in zip(self.draft.lengths, lengths, kept, strict=True)])
+
     def _sample(self, r: Request, logits: torch.Tensor, argmax: int | None = None) -> None:
-        """The request's next token from (1, V) logits (``argmax``: their argmax, when known), its text, and its
-        end when it has come."""
+        """The request's next token from (1, V) logits (``argmax``: their argmax, when known)."""
         if r.cancelled:
             return
         greedy = r.sampling.temperature == 0 and argmax is not None
-        tok = argmax if greedy else int(next_token(logits, r.sampling, r.generator))
+        self._take(r, argmax if greedy else int(next_token(logits, r.sampling, r.generator)))
+
+    def _take(self, r: Request, tok: int) -> None:
+        """Appends a token to the request: its text, and its end when it has come (nothing, once cancelled)."""
+        if r.cancelled:
+            return
         now = time.perf_counter()
         if self.metrics is not None:
             self.metrics.token(r, now)

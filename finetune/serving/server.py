@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+from finetune.generation import DRAFT_TOKENS
 from finetune.serving.api import Served, State, build_app
 from finetune.serving.engine import Engine
 
@@ -40,15 +41,19 @@ def serve(
     max_body_bytes: int = 1 << 20,
     grace: float = 30.0,
     adapters: dict[str, str] | None = None,
+    draft: str | None = None,
+    draft_tokens: int = DRAFT_TOKENS,
 ) -> int:
     """Serves ``model`` under ``name``, and each LoRA run of ``adapters`` ({name: run folder}, trained on
-    ``model``) unmerged over its weights under its own name, each in an engine (a batch) of its own."""
+    ``model``) unmerged over its weights under its own name, each in an engine (a batch) of its own. ``draft``: a
+    smaller model of the same tokenizer that every engine decodes speculatively with, ``draft_tokens`` per step."""
     import uvicorn
 
     for flag, value in (
         ("--max-batch", max_batch),
         ("--max-queue", max_queue),
         ("--max-tokens-limit", max_tokens_limit),
+        ("--draft-tokens", draft_tokens),
     ):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
@@ -68,9 +73,14 @@ def serve(
 
         try:
             loaded = inference.load(model, ckpt=ckpt, device=device)
+            small = None
+            if draft is not None:
+                small = inference.load(draft, device=device, what="--draft")
+                inference.check_draft(loaded, small)
             tuned = {n: inference.load_adapter(loaded, folder, ckpt=ckpt) for n, folder in (adapters or {}).items()}
             served = {state.name: loaded, **tuned}
-            engines = {n: Engine(m.model, max_batch=max_batch, max_queue=max_queue, metrics=state.metrics)
+            engines = {n: Engine(m.model, max_batch=max_batch, max_queue=max_queue, metrics=state.metrics,
+                                 draft=small and small.model, draft_tokens=draft_tokens)
                        for n, m in served.items()}  # fmt: skip
         except Exception as e:  # noqa: BLE001  (reported, and the server exits 2)
             state.load_error = f"{type(e).__name__}: {e}"

@@ -10,7 +10,7 @@ import torch
 from finetune import inference
 from finetune.generation import SamplingConfig, generate
 from finetune.nn import KVCache, SlotKVCache
-from finetune.serving.engine import Engine, QueueFull, Request
+from finetune.serving.engine import Engine, QueueFull, Request, Runner
 from finetune.serving.text import TextOut
 from tests.test_inference import tiny_llama
 
@@ -92,6 +92,49 @@ def test_batched_step_logits_match_a_single_row(loaded):
             torch.testing.assert_close(batched[i : i + 1], ref, rtol=1e-5, atol=1e-5)
 
 
+def test_rows_of_one_length_step_exactly_as_generate_does(loaded):
+    """One row (or rows sharing a length) needs no mask and no position ids: the runner's step is ``generate``'s
+    own KV-cache step, and its logits equal it bit for bit."""
+    model, ids = loaded.model, loaded.encode(PROMPTS[1])
+    runner = Runner(model, max_batch=4)
+    single = model.make_cache(1, 64)
+    with torch.inference_mode():
+        assert torch.equal(runner.prefill(ids), model(torch.tensor([ids]), cache=single, logits_to_keep=1)[:, -1])
+        for tok in (5, 9, 17):
+            assert runner.cache[0].mask() is None and runner.cache[0].positions() is None
+            ref = model(torch.tensor([[tok]]), cache=single, logits_to_keep=1)[:, -1]
+            assert torch.equal(runner.decode([tok]), ref)
+        runner.prefill(ids + [5, 9, 17])  # a second row of the same length: still one write, no mask
+        assert runner.lengths == [len(ids) + 3] * 2 and runner.cache[0].mask() is None
+
+
+def test_rows_of_different_lengths_append_blocks_and_rewind_each_to_its_own_length(loaded):
+    """What speculative decoding needs: T tokens appended to rows of different lengths in one forward give each
+    row's own logits (within 1e-5), and each row rewinds to its own length, after which it decodes as if the
+    rejected tokens had never been fed."""
+    model = loaded.model
+    runner = Runner(model, max_batch=3)
+    prompts = [loaded.encode(p) for p in PROMPTS[1:4]]
+    blocks = [[5, 9, 17], [3, 4, 6], [7, 8, 2]]
+    keep = [1, 3, 0]  # tokens of its block each row keeps
+    with torch.inference_mode():
+        for ids in prompts:
+            runner.prefill(ids)
+        batched = runner.forward(blocks, keep=3)  # (3, 3, V)
+        runner.rewind([len(ids) + k for ids, k in zip(prompts, keep, strict=True)])
+        nxt = runner.decode([11, 12, 13])  # (3, V)
+        for i, ids in enumerate(prompts):
+            single = model.make_cache(1, 64)
+            model(torch.tensor([ids]), cache=single)
+            ref = model(torch.tensor([blocks[i]]), cache=single, logits_to_keep=3)[0]  # (3, V)
+            torch.testing.assert_close(batched[i], ref, rtol=1e-5, atol=1e-5)
+            single = model.make_cache(1, 64)
+            ref = model(torch.tensor([ids + blocks[i][: keep[i]] + [11 + i]]), cache=single, logits_to_keep=1)[0]
+            torch.testing.assert_close(nxt[i : i + 1], ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot rewind rows of lengths"):
+        runner.rewind([len(prompts[0]) + 99, 0, 0])
+
+
 def test_slot_cache_drop_moves_the_last_row():
     c = SlotKVCache(batch_size=3, max_len=8, n_kv_heads=1, head_dim=2)
     for n in (2, 4, 3):
@@ -99,8 +142,8 @@ def test_slot_cache_drop_moves_the_last_row():
     c.drop(0)
     assert c.rows == 2 and c.lengths == [3, 4] and c.size == 4
     assert torch.equal(c.k[0, 0, :3], torch.full((3, 2), 3.0))
-    assert c.mask().tolist() == [[True, True, True, True, False], [True] * 5]
-    with pytest.raises(ValueError, match="one token to each of its 2 rows"):
+    assert c.mask()[:, 0, 0].tolist() == [[True, True, True, True, False], [True] * 5]  # (rows, 1, T, S)
+    with pytest.raises(ValueError, match="appends to each of its 2 rows"):
         c.update(torch.zeros(3, 1, 1, 2), torch.zeros(3, 1, 1, 2))
     assert isinstance(c, KVCache)
 

@@ -28,3 +28,28 @@ def test_stop_string_across_tokens_is_cut_and_never_returned():
     assert "".join(parts) + rest == "one " and stopped
     parts, rest, stopped = feed("one EN", ["END"])  # a stop string's beginning is held back, then released
     assert "".join(parts) == "one " and rest == "EN" and not stopped
+
+
+def test_each_push_decodes_a_bounded_window_and_the_text_equals_decoding_it_all(tmp_path):
+    """With a real byte-level BPE tokenizer and random ids (characters split across tokens among them): the pieces
+    add up to ``decode(all ids)``, and no push decodes more than a few tokens, however long the answer."""
+    import random
+
+    from finetune import inference
+    from tests.test_inference import tiny_llama
+
+    tok = inference.load(tiny_llama(tmp_path / "m")).tokenizer
+    sizes = []
+
+    class Counting:
+        def decode(self, ids, skip_special_tokens=True):
+            sizes.append(len(ids))
+            return tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    rng = random.Random(0)
+    for _ in range(5):
+        ids = [rng.randrange(2, len(tok)) for _ in range(300)]
+        out = TextOut(Counting(), [])
+        text = "".join(out.push(i) for i in ids) + out.end()
+        assert text == tok.decode(ids, skip_special_tokens=True)
+    assert max(sizes) <= 2 * TextOut.context + 8, max(sizes)
