@@ -14,7 +14,8 @@ Everything is fetched at run time from package registries into --cache, never co
 Part "lm": pretraining from scratch on all fortunes (a seeded 95/5 split of the documents; train.txt holds the
 documents separated by blank lines).
   (a) `finetune fit --config pretrain-gpt2` with documented overrides only (files, steps, batch, sequence length,
-      GPT2Config fields, vocabulary size): our byte-level BPE, documents packed, each attending only to itself.
+      GPT2Config fields, vocabulary size): our byte-level BPE, documents as [bos] text [eos] packed into full
+      rows (the recipe's data.packing=fill), each attending only to itself.
   (b) the plain loop: HF `tokenizers` ByteLevelBPETokenizer trained on the same file, HF `GPT2LMHeadModel` of the
       same size, the documents joined by <|endoftext|> into one stream cut into contiguous windows (as HF's
       run_clm `group_texts`), AdamW with the same lr / betas / weight decay / warmup, cosine decay, clipping 1.0.

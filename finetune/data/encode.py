@@ -153,6 +153,7 @@ class Encoder:
         self.chat_template = chat_template
         self.label_ids, self.labels_from = label_ids, labels_from
         self.eos = tokenizer.eos_token_id
+        self.bos = tokenizer.bos_token_id
         self.keys = list(self.features())
 
     # ---------------------------------------------------------------------------------------------- output schema
@@ -194,8 +195,11 @@ class Encoder:
             if self.fmt == "text":
                 out = []
                 for ids in self._ids(texts("text")):
-                    if not self.predict and self.eos is not None and (not ids or ids[-1] != self.eos):
-                        ids.append(self.eos)
+                    if not self.predict:  # a document is [bos] text [eos], also where the tokenizer adds neither
+                        # (without the bos, a packed document's first token would never be a target)
+                        start = [self.bos] if self.bos is not None and ids and ids[0] != self.bos else []
+                        end = [self.eos] if self.eos is not None and (not ids or ids[-1] != self.eos) else []
+                        ids = start + ids + end
                     out.append(self._causal(ids, list(ids)))
                 return out
             prompts = self._ids([self._prompt(values, row) for values, row in zip(rows, indices, strict=True)])

@@ -24,14 +24,19 @@ def one_batch(loader):
 
 # ------------------------------------------------------------------------------------------------------ text
 @pytest.mark.parametrize("style", ["gpt", "llama"])
-def test_text_rows_get_eos_and_right_padding(make_dm, write, tok, style):
+def test_text_rows_get_bos_eos_and_right_padding(make_dm, write, tok, style):
+    """A document is [bos] text [eos]: the llama tokenizer adds its bos itself, the gpt one (bos = eos =
+    <|endoftext|>, as GPT-2's) does not, so the document gets it; without it the first token is never a target."""
     t = tok(style)
     texts = ["the quick brown fox", "hello world", f"a cat{t.eos_token}"]  # the last one already ends with EOS
     path = write("train.jsonl", [{"text": x} for x in texts])
     dm = make_dm(style, train_files=path, validation_files=path, batch_size=3)
     batch = one_batch(dm.val_dataloader())
-    expected = [enc(t, x) + [t.eos_token_id] for x in texts[:2]] + [enc(t, texts[2])]
+    bos = [] if enc(t, "hi")[0] == t.bos_token_id else [t.bos_token_id]
+    assert bool(bos) == (style == "gpt")
+    expected = [bos + enc(t, x) + [t.eos_token_id] for x in texts[:2]] + [bos + enc(t, texts[2])]
     assert expected[2][-1] == t.eos_token_id and expected[2][-2] != t.eos_token_id
+    assert all(ids[0] == t.bos_token_id for ids in expected)
     T = max(map(len, expected))
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (3, T)
     for i, ids in enumerate(expected):

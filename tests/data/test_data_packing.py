@@ -31,7 +31,7 @@ def test_fill_packing_rows_are_full_and_documents_stay_isolated(make_dm, write, 
     path = write("train.txt", texts)
     dm = make_dm("gpt", train_files=path, validation_files=path, packing="fill", max_length=8, eval_batch_size=64)
     batch = next(iter(dm.val_dataloader()))
-    samples = [t(x)["input_ids"] + [t.eos_token_id] for x in texts]
+    samples = [[t.bos_token_id] + t(x)["input_ids"] + [t.eos_token_id] for x in texts]  # gpt: bos = eos
     stream = [i for s in samples for i in s]
     rows = len(stream) // 8 + (len(stream) % 8 > 0)
     assert batch["input_ids"].shape == (rows, 8) and dm.stats["validation"]["packed_rows"] == rows
@@ -63,7 +63,8 @@ def test_packed_rows(make_dm, write, tok, style):
     )
     with pytest.warns(UserWarning, match="were split into 16-token pieces for packing"):
         batch = next(iter(dm.val_dataloader()))  # in order
-    samples = [t(x)["input_ids"] + [t.eos_token_id] for x in texts]
+    bos = [] if t("hi")["input_ids"][0] == t.bos_token_id else [t.bos_token_id]  # the gpt tokenizer adds none
+    samples = [bos + t(x)["input_ids"] + [t.eos_token_id] for x in texts]
     stream = [i for s in samples for i in s]
     sample_starts = set(np.cumsum([0] + [len(s) for s in samples]).tolist())
     mask = batch["attention_mask"].bool()
