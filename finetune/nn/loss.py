@@ -64,7 +64,9 @@ def _chunked(h, weight, bias, labels, n, chunk, *, grad_h: bool, grad_w: bool, g
             g = e.to(dtype)
             if grad_h:
                 gh[start:end] = g @ wd  # (n, C)
-            if grad_w:
+            if grad_w and dtype == torch.float32:
+                gw.addmm_(g.T, hc)  # (V, C), accumulated in place: no (V, C) temporary per chunk
+            elif grad_w:
                 gw += (g.T @ hc).float()  # (V, C)
             if grad_b:
                 gb += g.float().sum(0)  # (V,)
