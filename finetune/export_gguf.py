@@ -128,19 +128,39 @@ def q4_0_blocks(w: torch.Tensor) -> np.ndarray:
     return np.concatenate([d, qs], axis=-1).reshape(N, G * 18)
 
 
-def encode_tensor(w: torch.Tensor, outtype: str):
-    """(numpy array, GGML type) of one tensor: vectors (norms, biases) and widths no block divides stay f32 / f16,
-    as llama.cpp's converter keeps them."""
+def tensor_type(shape: torch.Size, outtype: str):
+    """The GGML type a tensor of ``shape`` is written as: vectors (norms, biases) and widths no block divides stay
+    f32 / f16, as llama.cpp's converter keeps them."""
     from gguf import GGMLQuantizationType as Q
 
+    if len(shape) == 1 or outtype == "f32":
+        return Q.F32
+    if outtype in ("q8_0", "q4_0") and shape[-1] % BLOCK == 0:
+        return Q.Q8_0 if outtype == "q8_0" else Q.Q4_0
+    return Q.BF16 if outtype == "bf16" else Q.F16
+
+
+def encode_tensor(w: torch.Tensor, outtype: str):
+    """(numpy array, GGML type) of one tensor, typed by ``tensor_type``."""
+    from gguf import GGMLQuantizationType as Q
+
+    qtype = tensor_type(w.shape, outtype)
     w = w.detach().float().cpu()
-    if w.dim() == 1 or outtype == "f32":
-        return w.numpy(), Q.F32
-    if outtype in ("q8_0", "q4_0") and w.shape[-1] % BLOCK == 0:
-        return (q8_0_blocks(w), Q.Q8_0) if outtype == "q8_0" else (q4_0_blocks(w), Q.Q4_0)
-    if outtype == "bf16":
-        return w.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8), Q.BF16  # bytes, as the q types
-    return w.to(torch.float16).numpy(), Q.F16
+    if qtype == Q.F32:
+        return w.numpy(), qtype
+    if qtype in (Q.Q8_0, Q.Q4_0):
+        return (q8_0_blocks(w) if qtype == Q.Q8_0 else q4_0_blocks(w)), qtype
+    if qtype == Q.BF16:
+        return w.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8), qtype  # bytes, as the q types
+    return w.to(torch.float16).numpy(), qtype
+
+
+def encoded_nbytes(shape: torch.Size, qtype) -> int:
+    """Bytes ``encode_tensor`` gives a tensor of ``shape`` as ``qtype`` (known before encoding it)."""
+    from gguf import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    return shape.numel() // block * size
 
 
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
@@ -259,17 +279,22 @@ def write_gguf(loaded, out_dir, *, outtype: str = "f16", overwrite: bool = False
         w.add_add_eos_token(fields["add_eos"])
         if template:
             w.add_chat_template(template)
-        for our_name, p in model.named_parameters():  # a tied head is listed once, as the embedding
-            name_ = gguf_name(arch, our_name)
-            t = p.detach()
-            kind = name_.split(".")[-2]
-            if kind in arch.permute:
-                t = permute_rotary(t, getattr(c, arch.permute[kind]))
-            data, qtype = encode_tensor(t, outtype)
-            w.add_tensor(name_, data, raw_dtype=qtype)
+        # Streamed: the tensor table is written from shapes and types alone, then each tensor is encoded and
+        # written in turn, so at most one encoded tensor exists besides the model.
+        params = list(model.named_parameters())  # a tied head is listed once, as the embedding
+        for our_name, p in params:
+            qtype = tensor_type(p.shape, outtype)
+            w.add_tensor_info(gguf_name(arch, our_name), list(p.shape), np.dtype(np.float32),
+                              encoded_nbytes(p.shape, qtype), raw_dtype=qtype)  # fmt: skip
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        w.write_ti_data_to_file()
+        for our_name, p in params:
+            t = p.detach()
+            kind = gguf_name(arch, our_name).split(".")[-2]
+            if kind in arch.permute:
+                t = permute_rotary(t, getattr(c, arch.permute[kind]))
+            w.write_tensor_data(encode_tensor(t, outtype)[0])
         w.close()
         stops = [tok.convert_ids_to_tokens(i) for i in loaded.stop_ids]
         (tmp / "Modelfile").write_text(modelfile(template, stops))
