@@ -3,7 +3,7 @@ bf16, our int8 / int4 (``finetune.quant``), torchao's int8 weight-only and trans
 (what an HF user would pick). CPU, batch 1, greedy.
 
     python scripts/bench_quantize.py --train-only                  # once: trains and caches the model (see below)
-    flock /tmp/finetune-bench.lock python scripts/bench_quantize.py   # the table (~4 min on 2 quiet cores)
+    flock /tmp/finetune-bench.lock python scripts/bench_quantize.py   # the table (~1 min; training ~20 min once)
     options: --rounds 3 --new 128 --prompt 16 --ppl-tokens 1024 --threads N --only fp32,int8,...
              --hidden 512 --intermediate 1408 --layers 8 --heads 8 --vocab 32000 --train-steps 80 --cache DIR
 
@@ -23,6 +23,7 @@ the block matrices (what is quantized), scales and zeros included as stored on d
 
 import argparse
 import copy
+import logging
 import statistics
 import sys
 import time
@@ -195,7 +196,8 @@ def main() -> None:
     p.add_argument("--train-only", action="store_true", help="train and cache the model, measure nothing")
     p.add_argument("--profile", default=None, help="a variant name: also print where its decode steps spend time")
     args = p.parse_args()
-    warnings.filterwarnings("ignore", message="MatMul8bitLt")  # bitsandbytes, once per call
+    warnings.filterwarnings("ignore", message="Int8Tensor does not implement")  # torchao, harmless
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "inputs will be cast to float16", every call
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
