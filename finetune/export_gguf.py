@@ -128,19 +128,39 @@ def q4_0_blocks(w: torch.Tensor) -> np.ndarray:
     return np.concatenate([d, qs], axis=-1).reshape(N, G * 18)
 
 
-def encode_tensor(w: torch.Tensor, outtype: str):
-    """(numpy array, GGML type) of one tensor: vectors (norms, biases) and widths no block divides stay f32 / f16,
-    as llama.cpp's converter keeps them."""
+def tensor_type(shape: torch.Size, outtype: str):
+    """The GGML type a tensor of ``shape`` is written as: vectors (norms, biases) and widths no block divides stay
+    f32 / f16, as llama.cpp's converter keeps them."""
     from gguf import GGMLQuantizationType as Q
 
+    if len(shape) == 1 or outtype == "f32":
+        return Q.F32
+    if outtype in ("q8_0", "q4_0") and shape[-1] % BLOCK == 0:
+        return Q.Q8_0 if outtype == "q8_0" else Q.Q4_0
+    return Q.BF16 if outtype == "bf16" else Q.F16
+
+
+def encode_tensor(w: torch.Tensor, outtype: str):
+    """(numpy array, GGML type) of one tensor, typed by ``tensor_type``."""
+    from gguf import GGMLQuantizationType as Q
+
+    qtype = tensor_type(w.shape, outtype)
     w = w.detach().float().cpu()
-    if w.dim() == 1 or outtype == "f32":
-        return w.numpy(), Q.F32
-    if outtype in ("q8_0", "q4_0") and w.shape[-1] % BLOCK == 0:
-        return (q8_0_blocks(w), Q.Q8_0) if outtype == "q8_0" else (q4_0_blocks(w), Q.Q4_0)
-    if outtype == "bf16":
-        return w.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8), Q.BF16  # bytes, as the q types
-    return w.to(torch.float16).numpy(), Q.F16
+    if qtype == Q.F32:
+        return w.numpy(), qtype
+    if qtype in (Q.Q8_0, Q.Q4_0):
+        return (q8_0_blocks(w) if qtype == Q.Q8_0 else q4_0_blocks(w)), qtype
+    if qtype == Q.BF16:
+        return w.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8), qtype  # bytes, as the q types
+    return w.to(torch.float16).numpy(), qtype
+
+
+def encoded_nbytes(shape: torch.Size, qtype) -> int:
+    """Bytes ``encode_tensor`` gives a tensor of ``shape`` as ``qtype`` (known before encoding it)."""
+    from gguf import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    return shape.numel() // block * size
 
 
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
@@ -188,22 +208,72 @@ def tokenizer_fields(tok, vocab_size: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ Ollama
-GO_TEMPLATES = {  # chat templates (Jinja) we know, as Ollama's Go templates
-    "chatml": (
-        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
-    ),
-}
+ROLES = ("system", "user", "assistant")
 
 
-def modelfile(chat_template: str | None, stops: list[str], gguf_file: str = "model.gguf") -> str:
-    """An Ollama Modelfile: FROM the GGUF, the TEMPLATE where the chat template is one we can translate (else
-    Ollama uses the template stored in the GGUF), and a stop parameter per end-of-turn / end-of-text token."""
-    from finetune.data.templates import CHATML
+def turn_pieces(tokenizer, template: str) -> dict | None:
+    """A Jinja chat template as the text it writes around each message, found by rendering sentinel
+    conversations: ``head``, per role ``(before, after)`` its content, and ``prompt`` (the generation prompt).
+    None where the renderings are not ``head + sum(before + content + after) + prompt`` (a template that injects
+    dated system text, merges the system message into the first user turn, or changes the content)."""
+    from finetune.data.templates import render
 
+    mark = [f"\x00m{i}\x00" for i in range(4)]
+    sys_, u1, a1, u2 = ({"role": r, "content": m} for r, m in zip(ROLES + ("user",), mark, strict=True))
+    try:
+        one = render(tokenizer, template, [u1], False)
+        two = render(tokenizer, template, [u1, a1], False)
+        three = render(tokenizer, template, [u1, a1, u2], False)
+        with_system = render(tokenizer, template, [sys_, u1], False)
+        asking = render(tokenizer, template, [u1], True)
+    except Exception:
+        return None
+    if any(text.count(m) != 1 for text, ms in ((one, mark[1:2]), (two, mark[1:3]), (three, mark[1:4]),
+                                                (with_system, mark[:2])) for m in ms):  # fmt: skip
+        return None
+    user_after = one.split(mark[1])[1]
+    asst_after = two.split(mark[2])[1]
+    asst_before = two.split(mark[1])[1].split(mark[2])[0].removeprefix(user_after)
+    user_before = three.split(mark[2])[1].split(mark[3])[0].removeprefix(asst_after)
+    head = one.split(mark[1])[0].removesuffix(user_before)
+    sys_before = with_system.split(mark[0])[0].removeprefix(head)
+    sys_after = with_system.split(mark[0])[1].split(mark[1])[0].removesuffix(user_before)
+    pieces = {"head": head, "system": (sys_before, sys_after), "user": (user_before, user_after),
+              "assistant": (asst_before, asst_after), "prompt": asking.removeprefix(one)}  # fmt: skip
+
+    def again(messages, asking: bool = False) -> str:
+        body = "".join(pieces[m["role"]][0] + m["content"] + pieces[m["role"]][1] for m in messages)
+        return head + body + (pieces["prompt"] if asking else "")
+
+    checks = [(one, [u1]), (two, [u1, a1]), (three, [u1, a1, u2]), (with_system, [sys_, u1])]
+    if any(again(ms) != text for text, ms in checks) or again([u1], True) != asking:
+        return None
+    return pieces
+
+
+def go_template(pieces: dict, bos: str | None = None) -> str:
+    """Ollama's Go TEMPLATE writing what ``turn_pieces`` found, ending with the generation prompt. A ``bos`` the
+    head starts with is left out: llama.cpp adds it from the GGUF's ``add_bos_token``."""
+    head = pieces["head"].removeprefix(bos) if bos else pieces["head"]
+    cases = "".join(f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{r}" }}}}{_go_text(pieces[r][0])}'
+                    f"{{{{ .Content }}}}{_go_text(pieces[r][1])}" for i, r in enumerate(ROLES))  # fmt: skip
+    return f"{_go_text(head)}{{{{- range .Messages }}}}{cases}{{{{ end }}}}{{{{ end }}}}{_go_text(pieces['prompt'])}"
+
+
+def _go_text(text: str) -> str:
+    """Literal text inside a Go template (a ``{{`` in it is written as a Go string)."""
+    return text.replace("{{", '{{ "{{" }}')
+
+
+def modelfile(chat_template: str | None, stops: list[str], gguf_file: str = "model.gguf", *, tokenizer=None,
+              added_bos: str | None = None) -> str:  # fmt: skip
+    """An Ollama Modelfile: FROM the GGUF, the TEMPLATE where the chat template decomposes into turns
+    (``turn_pieces``, rendered with ``tokenizer``; else Ollama uses the template stored in the GGUF), and a stop
+    parameter per end-of-turn / end-of-text token. ``added_bos``: the BOS token llama.cpp adds itself."""
     lines = [f"FROM ./{gguf_file}"]
-    known = {CHATML: "chatml"}.get(chat_template or "")
-    if known:
-        lines.append(f'TEMPLATE """{GO_TEMPLATES[known]}"""')
+    pieces = turn_pieces(tokenizer, chat_template) if chat_template and tokenizer is not None else None
+    if pieces is not None:
+        lines.append(f'TEMPLATE """{go_template(pieces, added_bos)}"""')
     elif chat_template:
         lines.append("# TEMPLATE: Ollama takes the chat template stored in the GGUF (tokenizer.chat_template)")
     lines += [f"PARAMETER stop {_go_string(s)}" for s in dict.fromkeys(stops) if s]
@@ -259,20 +329,27 @@ def write_gguf(loaded, out_dir, *, outtype: str = "f16", overwrite: bool = False
         w.add_add_eos_token(fields["add_eos"])
         if template:
             w.add_chat_template(template)
-        for our_name, p in model.named_parameters():  # a tied head is listed once, as the embedding
-            name_ = gguf_name(arch, our_name)
-            t = p.detach()
-            kind = name_.split(".")[-2]
-            if kind in arch.permute:
-                t = permute_rotary(t, getattr(c, arch.permute[kind]))
-            data, qtype = encode_tensor(t, outtype)
-            w.add_tensor(name_, data, raw_dtype=qtype)
+        # Streamed: the tensor table is written from shapes and types alone, then each tensor is encoded and
+        # written in turn, so at most one encoded tensor exists besides the model.
+        params = list(model.named_parameters())  # a tied head is listed once, as the embedding
+        for our_name, p in params:
+            qtype = tensor_type(p.shape, outtype)
+            w.add_tensor_info(gguf_name(arch, our_name), list(p.shape), np.dtype(np.float32),
+                              encoded_nbytes(p.shape, qtype), raw_dtype=qtype)  # fmt: skip
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        w.write_ti_data_to_file()
+        for our_name, p in params:
+            t = p.detach()
+            kind = gguf_name(arch, our_name).split(".")[-2]
+            if kind in arch.permute:
+                t = permute_rotary(t, getattr(c, arch.permute[kind]))
+            w.write_tensor_data(encode_tensor(t, outtype)[0])
         w.close()
         stops = [tok.convert_ids_to_tokens(i) for i in loaded.stop_ids]
-        (tmp / "Modelfile").write_text(modelfile(template, stops))
+        (tmp / "Modelfile").write_text(
+            modelfile(template, stops, tokenizer=tok, added_bos=tok.bos_token if fields["add_bos"] else None)
+        )
     return Path(out_dir)
 
 

@@ -4,6 +4,11 @@ int8/int4 weight-only kernels PyTorch ships, or a plain dequantize-then-matmul w
 The kernels' packed layouts depend on the device (and CPU), so they are made from the plain int8 tensors on the
 first forward on a device and dtype, and checked once there against the dequantized reference: a kernel that
 refuses the shape, or disagrees, leaves that layer on the fallback.
+
+The kernels run in 16-bit activations (``KERNEL_DTYPE``): an fp32 input is rounded to bf16 for the product, which
+accumulates in fp32, and the output is cast back. On CPU (torch 2.13) only their bf16/fp16 paths are vectorized: at
+batch 1, fp32 inputs made ``_weight_int8pack_mm`` 9x and ``_weight_int4pack_mm_for_cpu`` 25-40x slower than
+``F.linear`` on the fp32 weight, and bf16 inputs make them 2.5x faster than it (``scripts/bench_quant_kernels.py``).
 """
 
 import warnings
@@ -50,6 +55,14 @@ def _int4_grouped(qw: Quantized, dtype: torch.dtype) -> Kernel | None:
 
 
 KERNELS = (_int8_per_channel, _int4_grouped)  # each returns None for weights it is not for
+KERNEL_DTYPE = {torch.float32: torch.bfloat16}  # input dtype -> the dtype the kernels multiply in (others: their own)
+
+
+def _in_dtype(kernel: Kernel, compute: torch.dtype, dtype: torch.dtype) -> Kernel:
+    """``kernel`` (made for ``compute`` inputs) taking and returning ``dtype``."""
+    if compute == dtype:
+        return kernel
+    return lambda x: kernel(x.to(compute)).to(dtype)
 
 
 class QuantLinear(nn.Module):
@@ -115,20 +128,21 @@ class QuantLinear(nn.Module):
 
     def _make_kernel(self, dtype: torch.dtype) -> Kernel | None:
         qw = self.quantized
+        compute = KERNEL_DTYPE.get(dtype, dtype)
         gen = torch.Generator(device=self.qweight.device).manual_seed(0)
-        x = torch.randn(3, self.in_features, generator=gen, device=self.qweight.device).to(dtype)  # (3, K)
+        x = torch.randn(3, self.in_features, generator=gen, device=self.qweight.device).to(compute)  # (3, K)
         ref = F.linear(x.float(), dequantize(qw))  # (3, N)
         for make in KERNELS:
             try:
-                kernel = make(qw, dtype)
+                kernel = make(qw, compute)
                 if kernel is None:
                     continue
                 got = kernel(x).float()
             except (RuntimeError, NotImplementedError):
                 continue  # the kernel refuses this shape, dtype or device
-            tol = (1e-4 if dtype == torch.float32 else 3e-2) * ref.abs().max().item() + 1e-5
+            tol = (1e-4 if compute == torch.float32 else 3e-2) * ref.abs().max().item() + 1e-5
             if got.shape == ref.shape and (got - ref).abs().max().item() <= tol:
-                return kernel
+                return _in_dtype(kernel, compute, dtype)
             warnings.warn(f"QuantLinear {tuple(qw.q.shape)}: the {make.__name__} kernel disagrees with the "
                           "dequantized weight; using the dequantize fallback", stacklevel=2)  # fmt: skip
         return None

@@ -120,8 +120,76 @@ def test_chat_model_gets_template_and_stops(tmp_path):
     assert reader.fields["tokenizer.chat_template"].contents() == CHATML
     text = (tmp_path / "g" / "Modelfile").read_text()
     assert text.startswith("FROM ./model.gguf\n")
-    assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>' in text
+    assert (
+        'TEMPLATE """{{- range .Messages }}{{ if eq .Role "system" }}<|im_start|>system\n{{ .Content }}<|im_end|>\n'
+        '{{ else if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n'
+    ) in text
+    assert '{{ end }}{{ end }}<|im_start|>assistant\n"""' in text
     assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "<|endoftext|>"' in text
+
+
+def test_tensors_are_streamed_to_the_file(tmp_path):
+    """The writer encodes and writes one tensor at a time: the Python/numpy memory it holds at its peak (traced by
+    ``tracemalloc``, which sees numpy's buffers) stays far below the encoded tensors' total, which a writer that
+    keeps them all until the end needs; the file still reads back whole and exact."""
+    import tracemalloc
+
+    from finetune.export_gguf import write_gguf
+    from tests.conftest import LLAMA, make_tokenizer
+
+    folder = tmp_path / "m"
+    make_tokenizer(folder, "llama")
+    torch.manual_seed(0)
+    config = {**LLAMA, "vocab_size": 320, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4}
+    T.LlamaForCausalLM(T.LlamaConfig(**config)).save_pretrained(folder)
+    loaded = inference.load(folder)
+    total = sum(encode_tensor(p, "q8_0")[0].nbytes for p in loaded.model.parameters())
+    largest = max(encode_tensor(p, "q8_0")[0].nbytes for p in loaded.model.parameters())
+    tracemalloc.start()
+    try:
+        write_gguf(loaded, tmp_path / "g", outtype="q8_0")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < total / 3 and largest < total / 10, (peak, largest, total)
+    reader = gguf.GGUFReader(tmp_path / "g" / "model.gguf")
+    stored = {t.name: t for t in reader.tensors}
+    up = loaded.model.layers[3].mlp.up_proj.weight
+    assert stored["blk.3.ffn_up.weight"].tensor_type.name == "Q8_0"
+    assert np.array_equal(np.asarray(stored["blk.3.ffn_up.weight"].data).reshape(-1),
+                          encode_tensor(up, "q8_0")[0].reshape(-1))  # fmt: skip
+
+
+LLAMA3 = ("{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+          "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+          "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")  # fmt: skip
+ZEPHYR = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")  # fmt: skip
+
+
+def test_other_chat_templates_become_ollama_templates(tokenizer_folder):
+    """Templates other than ChatML are decomposed by rendering them (Llama 3's, Zephyr's): the Go template writes
+    each role's header and end-of-turn around the content, then the generation prompt; Llama 3's BOS is left to
+    llama.cpp (add_bos_token). A template that injects text of its own into the system turn keeps the comment."""
+    from finetune.export_gguf import go_template, turn_pieces
+
+    tok = T.AutoTokenizer.from_pretrained(tokenizer_folder("llama"))
+    pieces = turn_pieces(tok, LLAMA3)
+    header = "<|start_header_id|>{}<|end_header_id|>\n\n"
+    assert pieces["head"] == tok.bos_token and pieces["prompt"] == header.format("assistant")
+    assert all(pieces[r] == (header.format(r), "<|eot_id|>") for r in ("system", "user", "assistant"))
+    assert go_template(pieces, tok.bos_token) == (
+        '{{- range .Messages }}{{ if eq .Role "system" }}<|start_header_id|>system<|end_header_id|>\n\n{{ .Content }}'
+        '<|eot_id|>{{ else if eq .Role "user" }}<|start_header_id|>user<|end_header_id|>\n\n{{ .Content }}<|eot_id|>'
+        '{{ else if eq .Role "assistant" }}<|start_header_id|>assistant<|end_header_id|>\n\n{{ .Content }}<|eot_id|>'
+        "{{ end }}{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    text = modelfile(ZEPHYR, ["</s>"], tokenizer=tok)
+    assert '{{ else if eq .Role "user" }}<|user|>\n{{ .Content }}</s>\n' in text and text.count("TEMPLATE") == 1
+    dated = LLAMA3.replace("{{ message['content'] | trim }}", "{{ message['content'] | trim }}"
+                           "{% if message['role'] == 'system' %}\nToday Date: 01 Dec{% endif %}")  # fmt: skip
+    assert turn_pieces(tok, dated.replace("{% for", "{{ 'Cutting Knowledge' if messages[0]['role'] != 'system' }}"
+                                          "{% for")) is None  # fmt: skip
 
 
 def test_modelfile_without_a_known_template():
