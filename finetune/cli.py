@@ -263,7 +263,8 @@ def quantize_command(argv: list[str]) -> int:
 
         check_target(Path(args.out), overwrite=args.force, protect=[Path(args.model)])  # before the (long) load
         loaded = inference.load(args.model, ckpt=args.ckpt, quantize=config)
-        extra = {"stop_ids": loaded.stop_ids, "chat_template": loaded.chat_template, "source": loaded.source}
+        extra = {"stop_ids": loaded.stop_ids, "chat_template": loaded.chat_template, "source": loaded.source,
+                 "document": loaded.document}  # fmt: skip
         out = save_quantized(loaded.model, args.out, tokenizer=loaded.tokenizer, extra=extra, overwrite=args.force,
                              protect=[Path(args.model)])  # fmt: skip
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:

@@ -32,9 +32,11 @@ class Loaded:
     stop_ids: list[int] = field(default_factory=list)
     chat_template: str | None = None  # the run's data.chat_template, which wins over the tokenizer's
     generation: dict = field(default_factory=dict)  # sampling settings of the model's generation_config.json
+    document: bool = False  # a run trained on the text format: prompts start as its documents did (BOS first)
 
     def encode(self, text: str) -> list[int]:
-        return prompt_ids(self.tokenizer, text)
+        """A prompt's ids: the tokenizer's own (a Hugging Face folder), or as the run's text documents started."""
+        return prompt_ids(self.tokenizer, text, document=self.document)
 
 
 def load(path: str | Path, *, ckpt: str = "best", device: str = "cpu", what: str = "MODEL", quantize=None) -> Loaded:
@@ -68,7 +70,7 @@ def _load_quantized(folder: Path) -> Loaded:
     model, info = load_quantized(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return Loaded(model, tokenizer, str(folder), info.get("stop_ids") or _eos_ids(model, tokenizer),
-                  info.get("chat_template"))  # fmt: skip
+                  info.get("chat_template"), document=bool(info.get("document")))  # fmt: skip
 
 
 def _load_hf(folder: Path) -> Loaded:
@@ -114,7 +116,8 @@ def _run_loaded(run, model: Backbone) -> Loaded:
     base = Path(pretrained).expanduser() if pretrained else None  # a local base folder
     generation = generation_defaults(base) if base is not None and base.is_dir() else {}
     stops = with_end_of_turn(_eos_ids(model, tok), tok, template)
-    return Loaded(model, tok, str(run.folder), stops, template, generation)
+    document = run.task.objective == "causal_lm" and data.get("format", "text") == "text"  # the DataModule's default
+    return Loaded(model, tok, str(run.folder), stops, template, generation, document)
 
 
 def load_adapter(base: Loaded, path: str | Path, *, ckpt: str = "best") -> Loaded:

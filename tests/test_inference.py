@@ -1,8 +1,11 @@
 """``finetune generate`` and ``finetune chat``: reproducible, equal to ``transformers`` where they should be, chat
 context kept in the KV cache, speculative decoding invisible in the output, and clear errors."""
 
+import ast
 import io
 import json
+import re
+import shutil
 import signal
 import time
 
@@ -11,11 +14,11 @@ import torch
 import transformers as T
 
 from finetune import inference
-from finetune.cli import chat_command, generate_command
+from finetune.cli import chat_command, generate_command, quantize_command
 from finetune.data.templates import CHATML, render
 from finetune.export import export
 from tests.export.test_export import train
-from tests.tasks.helpers import cli_subprocess
+from tests.tasks.helpers import cli_subprocess, cyclic_text, fit, recipe, write_jsonl
 
 SPECIALS = ["<|endoftext|>", "<pad>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [
@@ -131,6 +134,69 @@ def test_run_folder_generates_as_its_merged_export(tmp_path, stand_in, capsys, b
     ref = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)  # fmt: skip
     assert from_run[1] == "the quick brown" + tok.decode(ref[0, ids.size(1) :], skip_special_tokens=True) + "\n"
+
+
+def text_run(tmp_path, stand_in, fmt: str = "text"):
+    """A LoRA run on the gpt2 stand-in, whose tokenizer adds no BOS (BOS = EOS, as GPT-2's), trained on text
+    documents; its fit prints a greedy sample of "the lazy dog"."""
+    data = write_jsonl(tmp_path / "d.jsonl", cyclic_text(16))
+    config = recipe(
+        tmp_path, "CausalLM", {"pretrained": str(stand_in("gpt2")), "adapter": "lora", "lr": 1e-2,
+                               "max_new_tokens": 8, "sample_prompt": "the lazy dog"},
+        {"format": "text", "train_files": data, "validation_files": data, "batch_size": 4, "max_length": 32},
+        trainer={"max_steps": 4, "val_check_interval": 4},
+    )  # fmt: skip
+    fit(config)
+    return tmp_path / "run"
+
+
+def test_text_run_prompts_start_with_bos_as_its_documents_did(tmp_path, stand_in, capsys):
+    """Training wrote each document as [bos] text [eos]; generate, and the sample after fit, prompt the run with
+    [bos] text: its greedy answer is that of a plain forward over [bos] + ids, token by token (which here differs
+    from the answer without the bos)."""
+    run = text_run(tmp_path, stand_in)
+    sample = ast.literal_eval(re.search(r"^sample: (.*)$", capsys.readouterr().out, re.M).group(1))  # its repr
+    loaded = inference.load(run, ckpt="last")
+    tok, prompt = loaded.tokenizer, "the lazy dog"
+    ids = tok(prompt)["input_ids"]
+    assert ids[0] != tok.bos_token_id and loaded.encode(prompt) == [tok.bos_token_id, *ids]
+    code, out, _ = run_generate(capsys, str(run), "--ckpt", "last", "--prompt", prompt, "--temperature", "0",
+                                "--max-new-tokens", "8")  # fmt: skip
+
+    def greedy_forward(start: list[int]) -> str:
+        x = torch.tensor([start])  # (1, T)
+        with torch.no_grad():
+            for _ in range(8):
+                nxt = loaded.model(x)[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+                if nxt.item() in loaded.stop_ids:
+                    break
+                x = torch.cat([x, nxt], dim=1)
+        return prompt + tok.decode(x[0, len(start) :].tolist(), skip_special_tokens=True)
+
+    expected = greedy_forward([tok.bos_token_id, *ids])
+    assert code == 0 and out == expected + "\n" and sample == expected
+    assert greedy_forward(ids) != expected
+    quantized = tmp_path / "int8"  # a quantized folder of the run keeps its prompts' start
+    assert quantize_command([str(run), "--ckpt", "last", "--bits", "8", "--out", str(quantized)]) == 0
+    assert inference.load(quantized).encode(prompt) == [tok.bos_token_id, *ids]
+
+
+def test_runs_on_other_formats_and_chat_keep_the_tokenizers_start(tmp_path, stand_in):
+    """Only a text-format run's prompts get the documents' BOS: the same run read as an instruction run, and a chat
+    with the text run (its template's own start), encode as the tokenizer does."""
+    run = text_run(tmp_path, stand_in)
+    loaded = inference.load(run, ckpt="last")
+    tok = loaded.tokenizer
+    other = tmp_path / "instruction-run"
+    shutil.copytree(run, other)
+    config = (other / "config.yaml").read_text()
+    assert "format: text" in config
+    (other / "config.yaml").write_text(config.replace("format: text", "format: instruction"))
+    assert inference.load(other, ckpt="last").encode("the quick") == tok("the quick")["input_ids"]
+    messages = [{"role": "user", "content": "the quick"}]
+    ids, _, _ = inference.chat_prompt(loaded, messages)
+    rendered = render(tok, inference.chat_template_of(loaded), messages, True)
+    assert ids == tok(rendered, add_special_tokens=False)["input_ids"] and ids[0] != tok.bos_token_id
 
 
 # ----------------------------------------------------------------------------------------------- chat

@@ -15,14 +15,23 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
-def prompt_ids(tokenizer, text: str) -> list[int]:
-    """A prompt's ids as the model saw documents start (the tokenizer's BOS, if it adds one); an empty prompt
-    starts from BOS, else EOS, as a new document would."""
+def with_bos(tokenizer, ids: list[int]) -> list[int]:
+    """A ``text``-format document's ids as they start in training, prediction and generation from such a run: the
+    tokenizer's BOS first, also where the tokenizer adds none itself (GPT-2's, whose BOS is its EOS), so that the
+    document's first token is predicted from it. Ids that already start with BOS, and empty ids, are kept."""
+    bos = tokenizer.bos_token_id
+    return [bos, *ids] if bos is not None and ids and ids[0] != bos else ids
+
+
+def prompt_ids(tokenizer, text: str, *, document: bool = False) -> list[int]:
+    """A prompt's ids as the model saw documents start: the tokenizer's BOS if it adds one, and with ``document``
+    (a run trained on the ``text`` format) BOS as ``with_bos`` puts it; an empty prompt starts from BOS, else EOS,
+    as a new document would."""
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
     if not ids:
         bos = tokenizer.bos_token_id
         ids = [bos if bos is not None else tokenizer.eos_token_id]
-    return ids
+    return with_bos(tokenizer, ids) if document else ids
 
 
 class Collator:

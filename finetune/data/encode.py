@@ -11,6 +11,7 @@ import math
 import datasets
 
 from finetune.data import preference
+from finetune.data.collate import with_bos
 from finetune.data.sources import Source, where
 from finetune.data.templates import ROLES, TemplateError, chat_ids_and_labels, render
 
@@ -121,7 +122,7 @@ class Encoder:
     tokenizer and settings reuses the cached result.
     """
 
-    VERSION = 1  # bump when the encoding changes, so that cached results are not reused
+    VERSION = 2  # bump when the encoding changes, so that cached results are not reused
 
     def __init__(
         self,
@@ -153,7 +154,6 @@ class Encoder:
         self.chat_template = chat_template
         self.label_ids, self.labels_from = label_ids, labels_from
         self.eos = tokenizer.eos_token_id
-        self.bos = tokenizer.bos_token_id
         self.keys = list(self.features())
 
     # ---------------------------------------------------------------------------------------------- output schema
@@ -195,12 +195,12 @@ class Encoder:
             if self.fmt == "text":
                 out = []
                 for ids in self._ids(texts("text")):
-                    if not self.predict:  # a document is [bos] text [eos], also where the tokenizer adds neither
-                        # (without the bos, a packed document's first token would never be a target)
-                        start = [self.bos] if self.bos is not None and ids and ids[0] != self.bos else []
-                        end = [self.eos] if self.eos is not None and (not ids or ids[-1] != self.eos) else []
-                        ids = start + ids + end
-                    out.append(self._causal(ids, list(ids)))
+                    # a document is [bos] text [eos], also where the tokenizer adds neither (without the bos, a
+                    # packed document's first token would never be a target); a prompt to predict from is [bos] text
+                    ids = with_bos(self.tokenizer, ids)
+                    if not self.predict and self.eos is not None and (not ids or ids[-1] != self.eos):
+                        ids = ids + [self.eos]
+                    out.append(self._causal(ids, None if self.predict else list(ids)))
                 return out
             prompts = self._ids([self._prompt(values, row) for values, row in zip(rows, indices, strict=True)])
             if self.predict:  # the prompt, with the tokenizer's BOS if it adds one

@@ -324,6 +324,7 @@ class Engine:
             r.emit({"text": delta})
         if reason is not None:
             r.finish_reason = reason
+            # what the model read: a text-format run's prompt counts the BOS it starts with (Loaded.encode)
             usage = {"prompt_tokens": len(r.ids), "completion_tokens": len(r.generated)}
             if self.metrics is not None:
                 self.metrics.finished(r, now)

@@ -187,7 +187,7 @@ class CausalLM(Task):
     def sample(self, prompt: str | None = None) -> str:
         """Generates one continuation of ``prompt`` (default: ``sample_prompt``, else just BOS) as text."""
         prompt = prompt if prompt is not None else (self.hparams.sample_prompt or "")
-        ids = prompt_ids(self.tokenizer, prompt)
+        ids = prompt_ids(self.tokenizer, prompt, document=getattr(self.datamodule, "format", None) == "text")
         x = torch.tensor([ids], device=self.device)
         budget = self.hparams.max_new_tokens  # a demo sample: as much as fits the context
         if (context := context_length(self.model)) is not None:

@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from finetune.data.collate import prompt_ids
 from finetune.data.templates import ALPACA, ALPACA_NO_INPUT
 
 
@@ -61,6 +62,26 @@ def test_text_predict_is_left_padded_without_eos(make_dm, write, tok):
     assert batch["attention_mask"][1].tolist() == [0] * (T - len(expected[1])) + [1] * len(expected[1])
     assert batch["input_ids"][0].tolist() == expected[0]
     assert batch["row"].tolist() == [0, 1] and "labels" not in batch
+
+
+@pytest.mark.parametrize("style", ["gpt", "llama"])
+def test_text_predict_ids_are_trainings_without_the_eos(make_dm, write, tok, style):
+    """A prompt to predict from starts as the documents trained on ([bos] text, the gpt tokenizer adding no bos),
+    by the rule that generation from a text run uses too (``prompt_ids(document=True)``)."""
+    t = tok(style)
+    texts = ["the quick brown fox", "hello world"]
+    path = write("d.jsonl", [{"text": x} for x in texts])
+    dm = make_dm(style, train_files=path, validation_files=path, predict_files=path, batch_size=2, eval_batch_size=2)
+    trained = one_batch(dm.val_dataloader())
+    predicted = one_batch(dm.predict_dataloader())
+    for i, text in enumerate(texts):
+        ids = tokens(trained, i)
+        assert (
+            ids[0] == t.bos_token_id
+            and ids[-1] == t.eos_token_id
+            and len(ids) == len(enc(t, text)) + 1 + (style == "gpt")
+        )
+        assert tokens(predicted, i) == ids[:-1] == prompt_ids(t, text, document=True)
 
 
 def test_pad_to_multiple_of(make_dm, write):

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from finetune import inference
-from tests.test_inference import tiny_llama
+from tests.test_inference import text_run, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["once", "the cat sat on the mat and", "one two three four five six seven eight nine", "hello how",
@@ -331,6 +331,22 @@ def test_soak_mixed_requests_all_answered_and_memory_flat(server, loaded, model_
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert after - before < 30_000, (before, after)  # KiB
+
+
+def test_text_run_is_served_as_it_generates(tmp_path, stand_in):
+    """A run trained on text documents ([bos] text [eos], its gpt2 tokenizer adding no bos) answers as `finetune
+    generate` does, from [bos] text; its usage counts the bos the model reads."""
+    run = text_run(tmp_path, stand_in)
+    loaded = inference.load(run, ckpt="last")
+    s = Server(run, "--ckpt", "last", "--name", "ft")
+    try:
+        for prompt in ("the lazy dog", "a cat sat on"):
+            out = s.client().completions.create(model="ft", prompt=prompt, max_tokens=8, temperature=0)
+            assert out.choices[0].text == greedy(loaded, prompt, 8)
+            assert out.usage.prompt_tokens == len(loaded.tokenizer(prompt)["input_ids"]) + 1
+    finally:
+        s.stop()
+    assert s.proc.returncode == 0
 
 
 def test_accepted_connections_send_without_nagle():
