@@ -497,6 +497,7 @@ def serve_command(argv: list[str]) -> int:
                         "decoding of every batch (same greedy output, fewer passes of MODEL)")  # fmt: skip
     parser.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS, metavar="K",
                         help=f"tokens the draft proposes per step (default {DRAFT_TOKENS})")  # fmt: skip
+    _quantize_args(parser)
     args = parser.parse_args(argv)
     try:
         adapters = {}
@@ -516,7 +517,7 @@ def serve_command(argv: list[str]) -> int:
                      name=args.name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                      max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
                      grace=args.grace, adapters=adapters, draft=args.draft,
-                     draft_tokens=args.draft_tokens)  # fmt: skip
+                     draft_tokens=args.draft_tokens, quantize=_quant_config(args))  # fmt: skip
     except (OSError, ValueError) as e:
         print(f"finetune serve: error: {e}", file=sys.stderr)
         return 2

@@ -43,10 +43,12 @@ def serve(
     adapters: dict[str, str] | None = None,
     draft: str | None = None,
     draft_tokens: int = DRAFT_TOKENS,
+    quantize=None,
 ) -> int:
     """Serves ``model`` under ``name``, and each LoRA run of ``adapters`` ({name: run folder}, trained on
     ``model``) unmerged over its weights under its own name, each in an engine (a batch) of its own. ``draft``: a
-    smaller model of the same tokenizer that every engine decodes speculatively with, ``draft_tokens`` per step."""
+    smaller model of the same tokenizer that every engine decodes speculatively with, ``draft_tokens`` per step.
+    ``quantize``: a ``finetune.quant.QuantConfig`` applied to ``model`` after loading (``--quantize``)."""
     import uvicorn
 
     for flag, value in (
@@ -57,6 +59,9 @@ def serve(
     ):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    if quantize is not None and adapters:  # unmerged LoRA layers need the base's float weights under them
+        raise ValueError("--quantize: not with --adapter (adapters are served unmerged over float weights); "
+                         "quantize each merged export instead")  # fmt: skip
     name = name or Path(model).resolve().name
     if name in (adapters or {}):
         raise ValueError(f"--adapter {name}: is the served model's name; name the adapter otherwise (or use --name)")
@@ -72,7 +77,7 @@ def serve(
         from finetune import inference
 
         try:
-            loaded = inference.load(model, ckpt=ckpt, device=device)
+            loaded = inference.load(model, ckpt=ckpt, device=device, quantize=quantize)
             small = None
             if draft is not None:
                 small = inference.load(draft, device=device, what="--draft")

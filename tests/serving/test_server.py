@@ -366,3 +366,26 @@ def test_accepted_connections_send_without_nagle():
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     finally:
         sock.close()
+
+
+def test_quantized_serving_answers_as_the_quantized_model_generates(model_dir, tmp_path):
+    """``serve --quantize int4`` answers as ``finetune generate --quantize int4``, which is not the float model's
+    answer (so the flag reached the model); with ``--adapter`` it is refused, naming both."""
+    from finetune.quant import QuantConfig
+
+    quantized = inference.load(model_dir, quantize=QuantConfig(4, 32))
+    plain = inference.load(model_dir)
+    expected = [greedy(quantized, prompt, 12) for prompt in PROMPTS[:4]]
+    assert expected != [greedy(plain, prompt, 12) for prompt in PROMPTS[:4]]
+    s = Server(model_dir, "--quantize", "int4", "--group-size", "32", "--name", "q")
+    try:
+        for prompt, text in zip(PROMPTS[:4], expected, strict=True):
+            out = s.client().completions.create(model="q", prompt=prompt, max_tokens=12, temperature=0)
+            assert out.choices[0].text == text
+    finally:
+        s.stop()
+    cmd = [sys.executable, "-m", "finetune.cli", "serve", str(model_dir), "--port", "0", "--quantize", "int8",
+           "--adapter", f"ft={tmp_path}"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2
+    assert "--quantize: not with --adapter" in done.stderr
