@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from finetune.adapters import hf_layout
+from finetune.data.collate import bos_first
 from finetune.data.templates import end_of_turn_id, tokenizer_chat_template
 from finetune.folders import check_target
 from finetune.models.hub import _family_of_model, atomic_folder, resolve, write_weights
-from finetune.runs import GENERATING, Run, Values, load_run, untie_trained_pair
+from finetune.runs import GENERATING, Run, Values, load_run, trained_on_documents, untie_trained_pair
 from finetune.runs import backbone_of as _backbone
 from finetune.runs import model_config as _config
 from finetune.runs import run_models as _models
@@ -75,19 +76,20 @@ def export(
         raise ValueError(f"{run.folder}: a full fine-tune has no adapter to export; use --format merged")
     plain, tuned = _models(run)
     write = dict(dtype=_dtype(run, dtype), max_shard_size=max_shard_size)
+    tokenizer = bos_first(task.tokenizer) if trained_on_documents(run) else task.tokenizer  # prompts start as trained
     with atomic_folder(out, overwrite=force, protect=_read_from(run)) as tmp:
         if format == "merged":
             _write_model(run, plain, tuned, tmp, merge=True, **write)
-            task.tokenizer.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         else:
             base = None
             if not task.is_hf:  # our from-scratch base, written as the HF folder the adapter loads onto
                 base = tmp / "base"
                 base.mkdir()
                 _write_model(run, plain, tuned, base, merge=False, **write)
-                task.tokenizer.save_pretrained(base)
+                tokenizer.save_pretrained(base)
             _write_adapter(run, tuned, tmp, base=out.resolve() / "base" if base else None)
-            task.tokenizer.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     return out
 
 

@@ -297,7 +297,10 @@ def write_gguf(loaded, out_dir, *, outtype: str = "f16", overwrite: bool = False
 
     if outtype not in OUTTYPES:
         raise ValueError(f"--outtype must be one of {list(OUTTYPES)}, got {outtype!r}")
-    model, tok = loaded.model, loaded.tokenizer
+    from finetune.data.collate import bos_first
+
+    model = loaded.model
+    tok = bos_first(loaded.tokenizer) if loaded.document else loaded.tokenizer  # add_bos_token as the run trained
     c = model.config
     arch = ARCHS.get(getattr(c, "model_type", None))
     if arch is None:

@@ -109,6 +109,8 @@ def _run_loaded(run, model: Backbone) -> Loaded:
     """``model`` with the run's tokenizer, chat template and stop ids."""
     import yaml
 
+    from finetune.runs import trained_on_documents
+
     data = (yaml.safe_load((run.folder / "config.yaml").read_text()) or {}).get("data") or {}
     tok = run.task.tokenizer  # the run's tokenizer/: a chat run saved its template there (RunFolder)
     template = data.get("chat_template") or tokenizer_chat_template(tok)
@@ -116,8 +118,7 @@ def _run_loaded(run, model: Backbone) -> Loaded:
     base = Path(pretrained).expanduser() if pretrained else None  # a local base folder
     generation = generation_defaults(base) if base is not None and base.is_dir() else {}
     stops = with_end_of_turn(_eos_ids(model, tok), tok, template)
-    document = run.task.objective == "causal_lm" and data.get("format", "text") == "text"  # the DataModule's default
-    return Loaded(model, tok, str(run.folder), stops, template, generation, document)
+    return Loaded(model, tok, str(run.folder), stops, template, generation, trained_on_documents(run))
 
 
 def load_adapter(base: Loaded, path: str | Path, *, ckpt: str = "best") -> Loaded:

@@ -334,3 +334,12 @@ def adapter_model(run: Run, base: nn.Module) -> nn.Module:
             state[name] = shared[plain]
     tuned.load_state_dict(state, strict=True, assign=True)
     return tuned.to(next(base.parameters()).device).eval()
+
+
+def trained_on_documents(run) -> bool:
+    """Whether ``run`` is a causal LM trained on the ``text`` format (the DataModule's default), whose documents
+    started with BOS (``data.collate.with_bos``): its prompts and exports start the same way."""
+    import yaml
+
+    data = (yaml.safe_load((run.folder / "config.yaml").read_text()) or {}).get("data") or {}
+    return run.task.objective == "causal_lm" and data.get("format", "text") == "text"

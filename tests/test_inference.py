@@ -181,6 +181,31 @@ def test_text_run_prompts_start_with_bos_as_its_documents_did(tmp_path, stand_in
     assert inference.load(quantized).encode(prompt) == [tok.bos_token_id, *ids]
 
 
+def test_exports_of_a_text_run_prompt_as_the_run_does(tmp_path, stand_in):
+    """The merged export's tokenizer puts BOS first, as the run's documents started: plain ``transformers`` greedy
+    decoding from the exported folder gives ``finetune generate``'s text on the run. The GGUF says
+    ``add_bos_token``, so llama.cpp adds it too."""
+    import gguf
+
+    from finetune.export_gguf import export_gguf
+
+    run = text_run(tmp_path, stand_in)
+    loaded = inference.load(run, ckpt="last")
+    prompt = "the lazy dog"
+    export(run, tmp_path / "merged", format="merged", ckpt="last")
+    tok = T.AutoTokenizer.from_pretrained(tmp_path / "merged")
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    assert ids[0].tolist() == loaded.encode(prompt) == [tok.bos_token_id, *loaded.tokenizer(prompt)["input_ids"]]
+    hf = T.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                      pad_token_id=tok.eos_token_id, eos_token_id=None)  # fmt: skip
+    ours = inference.complete(loaded, prompt, inference.Sampling(8, 0.0, None, None, 0))[0]
+    assert tok.decode(out[0, ids.shape[1] :]) == ours
+    export_gguf(run, tmp_path / "g", outtype="f32", ckpt="last")
+    reader = gguf.GGUFReader(tmp_path / "g" / "model.gguf")
+    assert reader.fields["tokenizer.ggml.add_bos_token"].contents() is True
+
+
 def test_runs_on_other_formats_and_chat_keep_the_tokenizers_start(tmp_path, stand_in):
     """Only a text-format run's prompts get the documents' BOS: the same run read as an instruction run, and a chat
     with the text run (its template's own start), encode as the tokenizer does."""

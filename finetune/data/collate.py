@@ -23,6 +23,25 @@ def with_bos(tokenizer, ids: list[int]) -> list[int]:
     return [bos, *ids] if bos is not None and ids and ids[0] != bos else ids
 
 
+def bos_first(tokenizer):
+    """``tokenizer``, or a copy of it whose post-processor puts BOS first as ``with_bos`` does: what the exports of a
+    ``text``-format run carry, so that plain ``transformers`` (and llama.cpp, through the GGUF's ``add_bos_token``)
+    prompt the exported model as the run was trained. Returned as it is when it adds BOS itself or has none."""
+    bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
+    if bos is None or tokenizer("a")["input_ids"][:1] == [bos_id]:
+        return tokenizer
+    import copy
+
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tokenizer)
+    backend = tok.backend_tokenizer
+    first = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, bos_id)])
+    backend.post_processor = first if backend.post_processor is None else processors.Sequence(
+        [backend.post_processor, first])  # fmt: skip
+    return tok
+
+
 def prompt_ids(tokenizer, text: str, *, document: bool = False) -> list[int]:
     """A prompt's ids as the model saw documents start: the tokenizer's BOS if it adds one, and with ``document``
     (a run trained on the ``text`` format) BOS as ``with_bos`` puts it; an empty prompt starts from BOS, else EOS,
