@@ -122,6 +122,22 @@ def _usual_modes(folder: Path) -> None:
                 os.chmod(path, 0o666 & ~mask)
 
 
+def swap_in(new: Path, target: Path) -> None:
+    """Puts ``new`` (a file or folder beside ``target``) in ``target``'s place. A file replaces it in one rename; an
+    existing folder is moved aside (``.NAME.old-HOST-PID-xxxx/NAME``), not deleted, until ``new`` is in place, so a
+    kill in between leaves the old one whole."""
+    if new.is_file() and not target.is_dir():
+        os.replace(new, target)
+        return
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=_scratch_name(target, "old"), dir=target.parent))
+        target.rename(old / target.name)
+    new.rename(target)
+    if old is not None:
+        shutil.rmtree(old)
+
+
 @contextmanager
 def atomic_folder(out_dir: str | os.PathLike, *, overwrite: bool = False, protect: Iterable[Path] = ()):
     """Yields a temporary folder beside ``out_dir`` that becomes ``out_dir`` (with ``MARKER``, usual modes) when
@@ -138,13 +154,7 @@ def atomic_folder(out_dir: str | os.PathLike, *, overwrite: bool = False, protec
         (tmp / MARKER).write_text(json.dumps({"written_by": "finetune"}) + "\n")
         _usual_modes(tmp)
         check_target(out, overwrite=overwrite, protect=protect)  # again: the target may have changed meanwhile
-        old = None
-        if out.exists():  # moved aside, not deleted, until the new folder is in place
-            old = Path(tempfile.mkdtemp(prefix=_scratch_name(out, "old"), dir=out.parent))
-            out.rename(old / out.name)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old)
+        swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -3,7 +3,6 @@ checkpoint, one shard file per rank plus DCP's ``.metadata`` and Lightning's ``m
 module or optimizer state). ``export``, ``generate`` and ``chat`` read it like a ``.ckpt`` file; ``atomic_saves``
 writes it (and every checkpoint of a strategy that saves its own) atomically."""
 
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -44,7 +43,7 @@ def atomic_saves(strategy) -> None:
     def save_checkpoint(checkpoint: dict, filepath, storage_options=None) -> None:
         import tempfile
 
-        from finetune.folders import _scratch_name, remove_stale_leftovers
+        from finetune.folders import _scratch_name, remove_stale_leftovers, swap_in
 
         path = Path(strategy.broadcast(str(filepath)))
         scratch = None
@@ -58,30 +57,13 @@ def atomic_saves(strategy) -> None:
             save(checkpoint, scratch / path.name, storage_options)
             strategy.barrier("atomic_saves")
             if strategy.is_global_zero:
-                _swap_in(scratch / path.name, path)
+                swap_in(scratch / path.name, path)
         finally:
             if strategy.is_global_zero:
                 shutil.rmtree(scratch, ignore_errors=True)
         strategy.barrier("atomic_saves_done")
 
     strategy.save_checkpoint = save_checkpoint
-
-
-def _swap_in(new: Path, target: Path) -> None:
-    import tempfile
-
-    from finetune.folders import _scratch_name
-
-    if new.is_file() and not target.is_dir():
-        os.replace(new, target)
-        return
-    old = None
-    if target.exists():  # moved aside, not deleted, until the new one is in place
-        old = Path(tempfile.mkdtemp(prefix=_scratch_name(target, "old"), dir=target.parent))
-        target.rename(old / target.name)
-    new.rename(target)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def restore_moved_aside(target: Path) -> Path | None:
