@@ -5,7 +5,6 @@ reproducible beside other requests; a draft of another vocabulary is refused at 
 import queue
 import re
 import threading
-import time
 
 import httpx
 import pytest
@@ -15,7 +14,7 @@ from finetune.generation import SamplingConfig
 from finetune.serving.engine import Engine, Request
 from finetune.serving.metrics import Metrics
 from finetune.serving.text import TextOut
-from tests.serving.test_engine import PROMPTS, alone
+from tests.serving.test_engine import PROMPTS, alone, wait_idle
 from tests.serving.test_server import Server, greedy
 from tests.test_inference import tiny_llama
 
@@ -52,11 +51,7 @@ def run_all(loaded, draft_model, jobs, *, max_batch=8, draft_tokens=3):
             engine.submit(r)
         events = [done.get(timeout=60) for _ in jobs]
         assert all("finish_reason" in e for e in events), events
-        for _ in range(100):
-            if engine.counts == (0, 0):
-                break
-            time.sleep(0.05)
-        assert engine.counts == (0, 0)
+        wait_idle(engine)
     finally:
         engine.stop(timeout=10)
     return [r.generated for r in reqs], metrics
@@ -147,11 +142,8 @@ def test_a_cancelled_request_with_a_draft_frees_its_rows_and_leaves_the_others_e
         for r in reqs:
             engine.submit(r)
         assert sorted(done.get(timeout=60) for _ in range(2)) == [0, 2]
-        for _ in range(100):
-            if engine.counts == (0, 0):
-                break
-            time.sleep(0.05)
-        assert engine.counts == (0, 0) and engine.draft.lengths == [] and engine.runner.lengths == []
+        wait_idle(engine)
+        assert engine.draft.lengths == [] and engine.runner.lengths == []
     finally:
         engine.stop(timeout=10)
     assert [reqs[i].generated for i in (0, 2)] == [alone(loaded, *jobs[i]) for i in (0, 2)]

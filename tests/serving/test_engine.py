@@ -25,6 +25,16 @@ def loaded(tmp_path_factory):
     return inference.load(tiny_llama(tmp_path_factory.mktemp("llama")))
 
 
+def wait_idle(engine, tries: int = 100) -> None:
+    """Waits (bounded) until nothing runs or waits: the last rows are dropped at the end of the step that finished
+    them, so the count reaches 0 a moment after their final events."""
+    for _ in range(tries):
+        if engine.counts == (0, 0):
+            break
+        time.sleep(0.05)
+    assert engine.counts == (0, 0)
+
+
 def run_all(loaded, jobs, *, max_batch=8):
     """Submits every (prompt, SamplingConfig) at once; returns each one's generated ids and finish event."""
     engine = Engine(loaded.model, max_batch=max_batch, max_queue=64).start()
@@ -38,11 +48,7 @@ def run_all(loaded, jobs, *, max_batch=8):
             engine.submit(r)
         for _ in jobs:
             done.get(timeout=60)
-        for _ in range(100):  # the last rows are dropped at the end of the step that finished them
-            if engine.counts == (0, 0):
-                break
-            time.sleep(0.05)
-        assert engine.counts == (0, 0)
+        wait_idle(engine)
     finally:
         engine.stop(timeout=10)
     return [r.generated for r in reqs]
