@@ -98,6 +98,47 @@ def test_masked_gqa_repeats_kv_heads_instead_of_enable_gqa(n_kv_heads, monkeypat
     assert calls == [(n_kv_heads, False, True), (4, True, False), (4, True, False), (n_kv_heads, False, True)]
 
 
+def test_bf16_attention_on_the_cpu_runs_sdpa_in_fp32_when_training(monkeypatch):
+    """With gradients, bf16 q/k/v on the CPU go through SDPA in fp32 (its bf16 backward is slow there): the output is
+    the fp32 SDPA's rounded to bf16, and the gradients are autograd's through those casts. Without gradients, and
+    for fp32 or non-CPU inputs, SDPA gets the tensors as they are."""
+    torch.manual_seed(0)
+    attn = Attention(dim=32, n_heads=4, n_kv_heads=2).to(torch.bfloat16)
+    x = randn(2, 9, 32).bfloat16().requires_grad_()
+    y = attn(x, is_causal=True)
+
+    x_ref = x.detach().clone().requires_grad_()
+    ref_attn = Attention(dim=32, n_heads=4, n_kv_heads=2).to(torch.bfloat16)
+    ref_attn.load_state_dict(attn.state_dict())
+    q = ref_attn._heads(ref_attn.q_proj(x_ref), 4)  # (B, H, T, D)
+    k, v = ref_attn._heads(ref_attn.k_proj(x_ref), 2), ref_attn._heads(ref_attn.v_proj(x_ref), 2)
+    o = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True)
+    ref = ref_attn.o_proj(o.bfloat16().transpose(1, 2).flatten(2))
+    assert y.dtype == torch.bfloat16 and torch.equal(y, ref)
+    grad = randn(2, 9, 32).bfloat16()
+    y.backward(grad)
+    ref.backward(grad)
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert torch.equal(x.grad, x_ref.grad)
+    for (name, p), p_ref in zip(attn.named_parameters(), ref_attn.parameters(), strict=True):
+        assert torch.equal(p.grad, p_ref.grad), name
+
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, q.device.type))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    attn(x, is_causal=True)  # training, bf16, CPU: in fp32
+    with torch.no_grad():
+        attn(x, is_causal=True)  # inference (decoding): bf16 kept
+    attn.float()(x.float(), is_causal=True)  # fp32: as it is
+    meta = Attention(dim=32, n_heads=4).to("meta")  # stands in for CUDA: any device but the CPU
+    meta.bfloat16()(torch.empty(2, 9, 32, dtype=torch.bfloat16, device="meta", requires_grad=True), is_causal=True)
+    assert seen == [(torch.float32, "cpu"), (torch.bfloat16, "cpu"), (torch.float32, "cpu"), (torch.bfloat16, "meta")]
+
+
 def test_cross_attention_with_context_and_mask():
     attn = Attention(dim=16, n_heads=4, n_kv_heads=2, kv_dim=8)
     x, ctx = randn(2, 3, 16), randn(2, 7, 8)
