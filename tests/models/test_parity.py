@@ -108,7 +108,9 @@ def test_gradients_match(hf_folder, name):
     for n, p in ours.named_parameters():
         ref = hf_grads[family.key_map.to_hf(n)].grad
         got = p.grad.t() if family.is_transposed(family.key_map.to_hf(n)) else p.grad
-        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+        # atol 1e-5 (was 1e-6): our "gelu_new" is one F.gelu kernel, HF's the formula written out op by op; in
+        # t5-v1_1 a few gradients then differ by 3e-6, fp32 rounding.
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
         checked += 1
     assert checked == len(list(ours.parameters()))
 
@@ -198,7 +200,11 @@ def test_bf16_matches_hf_bf16(hf_folder, name):
     hf, folder = hf_folder(name)
     ours = from_hf(folder, dtype=torch.bfloat16)
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
-    ref_model = type(hf).from_pretrained(folder, dtype=torch.bfloat16)
+    # Our "gelu_new" is F.gelu(approximate="tanh") in one kernel, rounded to bf16 once; HF's is that formula written
+    # out, rounded after every op. HF's own one-kernel spelling of the same function is "gelu_pytorch_tanh".
+    one_kernel = {k: "gelu_pytorch_tanh" for k in ("activation_function", "dense_act_fn")
+                  if getattr(hf.config, k, None) == "gelu_new"}  # fmt: skip
+    ref_model = type(hf).from_pretrained(folder, dtype=torch.bfloat16, **one_kernel)
     ids, mask = padded_batch(left=False)
 
     def logits(model, hf_api: bool):
