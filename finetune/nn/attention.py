@@ -317,19 +317,54 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.T
     The CPU flash kernel's bf16 backward is slow: at (8, 8 heads / 4 KV, 256, 32), 2 threads, forward + backward took
     35 ms in bf16 against 21 ms cast up to fp32 and back (casts included). Its bf16 forward alone is the faster one,
     and decoding would cast the whole KV cache up per token (5-14x slower), so without gradients it stays as it is.
-    The fp32 result rounded to the inputs' dtype is at least as precise; autograd casts the gradients back. CUDA is
-    unchanged. q: (B, H, T, D); k, v: (B, H_kv, S, D); keyword arguments as SDPA's. Returns (B, H, T, D) in q's dtype.
+    The fp32 result rounded to the inputs' dtype is at least as precise. Only the bf16 tensors are kept for the
+    backward (:class:`_Fp32CpuFlashAttention`), so memory stays that of the bf16 kernel. CUDA is unchanged.
+    q: (B, H, T, D); k, v: (B, H_kv, S, D); keyword arguments as SDPA's. Returns (B, H, T, D) in q's dtype.
     """
     low = q.dtype in (torch.bfloat16, torch.float16)
     if not (low and q.device.type == "cpu" and torch.is_grad_enabled()):
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
     if not (q.requires_grad or k.requires_grad or v.requires_grad):
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
-    mask = kwargs.get("attn_mask")
-    if mask is not None and mask.is_floating_point():  # an additive bias (T5's positions): in fp32 as well
-        kwargs["attn_mask"] = mask.float()
+    mask, is_causal, scale = kwargs.get("attn_mask"), kwargs.get("is_causal", False), kwargs.get("scale")
     with torch.autocast("cpu", enabled=False):  # bf16-mixed would cast the fp32 inputs straight back down
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
+        if kwargs.get("dropout_p", 0.0) > 0 or mask is not None and mask.requires_grad:
+            # Dropout, or a learned bias (T5's) needing its gradient: SDPA in fp32 through autograd.
+            kwargs["attn_mask"] = _additive_fp32(mask)
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
+        return _Fp32CpuFlashAttention.apply(q, k, v, mask, is_causal, scale)
+
+
+def _additive_fp32(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A bool (True = attend) or additive mask as the additive fp32 mask the CPU flash kernel takes with fp32 inputs."""
+    if mask is None or mask.dtype == torch.float32:
+        return mask
+    if mask.is_floating_point():
+        return mask.float()
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, -torch.inf)
+
+
+class _Fp32CpuFlashAttention(torch.autograd.Function):
+    """The CPU flash kernel run in fp32 on low-precision q, k, v (GQA included: the kernel takes fewer KV heads),
+    forward and backward. It keeps q, k, v and the output in their own dtype and the fp32 log-sum-exp (B, H, T),
+    and casts up again in the backward, instead of holding fp32 copies from the forward to the backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, is_causal: bool, scale: float | None):
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out, lse = flash(q.float(), k.float(), v.float(), 0.0, is_causal, attn_mask=_additive_fp32(mask), scale=scale)
+        out = out.to(q.dtype)  # (B, H, T, D)
+        ctx.save_for_backward(q, k, v, out, lse, mask)  # the mask as given (a bool one is a quarter of fp32's)
+        ctx.is_causal, ctx.scale = is_causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        gq, gk, gv = backward(grad.float(), q.float(), k.float(), v.float(), out.float(), lse, 0.0, ctx.is_causal,
+                              attn_mask=_additive_fp32(mask), scale=ctx.scale)  # fmt: skip
+        return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype), None, None, None
 
 
 def explicit_attention(q, k, v, *, mask=None, is_causal: bool = False, scale: float | None = None):
