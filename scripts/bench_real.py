@@ -43,6 +43,7 @@ import json
 import os
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -457,7 +458,8 @@ def main() -> None:
     for round_ in range(a.rounds):
         order = ("ours", "peer") if round_ % 2 == 0 else ("peer", "ours")
         rwork = work / f"round{round_ + 1}"  # fresh run folders and caches: every round starts as a new user
-        rwork.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(rwork, ignore_errors=True)  # this script's own folder, left by an earlier run of it
+        rwork.mkdir(parents=True)
         if "lm" in a.parts:
             r = {"part": "lm", "round": round_}
             for side in order:
