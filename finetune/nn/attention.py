@@ -321,10 +321,9 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.T
     backward (:class:`_Fp32CpuFlashAttention`), so memory stays that of the bf16 kernel. CUDA is unchanged.
     q: (B, H, T, D); k, v: (B, H_kv, S, D); keyword arguments as SDPA's. Returns (B, H, T, D) in q's dtype.
     """
-    low = q.dtype in (torch.bfloat16, torch.float16)
-    if not (low and q.device.type == "cpu" and torch.is_grad_enabled()):
-        return F.scaled_dot_product_attention(q, k, v, **kwargs)
-    if not (q.requires_grad or k.requires_grad or v.requires_grad):
+    low_on_cpu = q.dtype in (torch.bfloat16, torch.float16) and q.device.type == "cpu"
+    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if not (low_on_cpu and training):
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
     mask, is_causal, scale = kwargs.get("attn_mask"), kwargs.get("is_causal", False), kwargs.get("scale")
     with torch.autocast("cpu", enabled=False):  # bf16-mixed would cast the fp32 inputs straight back down
