@@ -286,6 +286,9 @@ def speculative_generate(
     """Generates from ``target`` with a smaller ``draft`` model proposing tokens (Leviathan et al. 2023;
     Chen et al. 2023): the draft runs ``num_draft_tokens`` cheap steps, the target scores all of them in one forward
     pass, and the longest acceptable prefix is kept, plus one token from the target. Decoder-only models, one prompt.
+    The first token is the target's, sampled after its prefill exactly as ``generate`` samples it (the same seed
+    draws the same first token); speculation starts from the second. The serving engine runs the same steps, so a
+    seeded request served alone with ``--draft`` gets these tokens.
 
     Greedy (``temperature == 0``): a draft token is kept when it is the target's argmax, so the output is the
     target's own greedy output (``generate(target, ...)``), token for token up to float ties between a block
@@ -330,6 +333,25 @@ def speculative_generate(
         x = torch.tensor([ids], dtype=torch.long, device=device)
         return model(x, cache=cache, logits_to_keep=keep)[0]
 
+    def take(tok: int) -> bool:  # appends a final token; True when generation is over
+        tokens.append(tok)
+        new.append(tok)
+        if streamer is not None:
+            streamer(torch.tensor([tok], device=device))
+        return tok in stops or len(new) == n_max
+
+    def result() -> tuple[torch.Tensor, SpeculativeStats]:
+        return torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype, device=device)], dim=1), stats
+
+    # 0. The first token is the target's own, sampled after its prefill as ``generate`` samples it (and as the
+    #    serving engine does when it admits a request, so a seeded request draws the same numbers in both);
+    #    speculation starts from the second. The draft reads the prompt too, to propose after that first token.
+    first = next_token(run(target, target_cache, tokens, 1), cfg, generator)  # (1,)
+    stats.target_forward_passes += 1
+    if take(int(first)):
+        return result()
+    run(draft, draft_cache, tokens[:-1], 1)
+    stats.draft_forward_passes += 1
     while True:
         # 1. The draft proposes k tokens, one forward each; no more than would fit in max_new_tokens with the
         #    target's token after them.
@@ -353,13 +375,8 @@ def speculative_generate(
         _truncate(target_cache, len(tokens) + n)
         _truncate(draft_cache, min(draft_cache[0].size, len(tokens) + n))
         for tok in drafts[:n] + [nxt]:
-            tokens.append(tok)
-            new.append(tok)
-            if streamer is not None:
-                streamer(torch.tensor([tok], device=device))
-            if tok in stops or len(new) == n_max:
-                out = torch.tensor([new], dtype=input_ids.dtype, device=device)
-                return torch.cat([input_ids, out], dim=1), stats
+            if take(tok):
+                return result()
 
 
 # ---------------------------------------------------------------------------------------------------- chat

@@ -63,8 +63,9 @@ def test_greedy_equals_plain_greedy_with_a_poor_draft(target, k):
     out, stats = speculative_generate(target, draft, ids, max_new_tokens=n, num_draft_tokens=k, eos_token_id=[])
     assert torch.equal(out, ref), f"\nspeculative {out[0, 6:].tolist()}\nplain       {ref[0, 6:].tolist()}"
     assert stats.acceptance_rate < 0.5
-    assert stats.target_forward_passes == n - stats.accepted  # each pass yields its accepted drafts + 1 token
-    assert stats.draft_forward_passes == stats.proposed
+    # the prefill yields the first token, each later pass its accepted drafts + 1 token
+    assert stats.target_forward_passes == n - stats.accepted
+    assert stats.draft_forward_passes == stats.proposed + 1  # + the draft's read of the prompt
 
 
 @pytest.mark.parametrize("target", ["llama", "gpt2"], indirect=True)
@@ -75,7 +76,7 @@ def test_draft_equal_to_target_is_always_accepted(target):
         out, stats = speculative_generate(target, target, ids, max_new_tokens=n, num_draft_tokens=k, eos_token_id=[])
         assert torch.equal(out, ref)
         assert stats.acceptance_rate == 1.0
-        assert stats.target_forward_passes == math.ceil(n / (k + 1))
+        assert stats.target_forward_passes == 1 + math.ceil((n - 1) / (k + 1))  # the prefill, then blocks
 
 
 @pytest.mark.parametrize("target", ["llama", "gpt2"], indirect=True)
@@ -110,7 +111,7 @@ def test_seeded_sampling_is_reproducible(target):
 
 
 # Chi-square critical values at p = 0.001 by degrees of freedom: a correct sampler fails one seeded run in 1000.
-CHI2_999 = {2: 13.82, 5: 20.52}
+CHI2_999 = {2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52}
 
 
 def chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -118,44 +119,55 @@ def chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(((counts - expected) ** 2 / expected).sum())
 
 
+def follows(counts: torch.Tensor, probs: torch.Tensor) -> bool:
+    """Whether ``counts`` (V,) pass a chi-square test against ``probs`` (V,), nothing drawn outside its support."""
+    support = probs > 0
+    return (
+        bool((counts[~support] == 0).all()) and chi2(counts[support], probs[support]) < CHI2_999[int(support.sum()) - 1]
+    )
+
+
 @pytest.mark.parametrize("top_k", [None, 3])
 def test_sampling_keeps_the_targets_distribution(top_k):
-    """Over many seeds, the first two tokens follow the target's own distribution (after top-k), not the draft's,
-    though the draft proposes most of them: rejections, residual draws and bonus tokens all take part."""
+    """Over many seeds, the first three tokens follow the target's own distribution (after top-k), not the draft's,
+    though the draft proposes the second: the target's first token, rejections, residual draws and bonus tokens all
+    take part."""
     vocab, n_runs = 6, 600
     # Smaller weights than elsewhere: flatter distributions, so the draft's guesses are often kept, and often not.
     target = random_model("llama", seed=0, vocab=vocab, context=8, scale=1.0)
     draft = random_model("llama", seed=1, width=8, vocab=vocab, context=8, scale=1.0)
     ids = torch.tensor([[1, 4, 2]])
 
-    def dist(model, ids):  # the next-token distribution after each row of ids: (B, T) -> (B, V)
-        logits = model(ids)[:, -1]
+    def dist(model, prefixes):  # the next-token distribution after each row of prefixes: (B, T) -> (B, V)
+        logits = model(prefixes)[:, -1]
         if top_k is not None:
             logits = logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], float("-inf"))
         return logits.softmax(-1)
 
+    def extended(prefixes):  # every row of prefixes followed by every token: (B, T) -> (B * V, T + 1)
+        B = prefixes.size(0)
+        return torch.cat([prefixes.repeat_interleave(vocab, 0), torch.arange(vocab).repeat(B)[:, None]], dim=1)
+
     with torch.no_grad():
-        p1, q1 = dist(target, ids)[0], dist(draft, ids)[0]
-        after = torch.cat([ids.expand(vocab, -1), torch.arange(vocab)[:, None]], dim=1)  # prompt + each first token
-        p2 = (p1[:, None] * dist(target, after)).sum(0)  # the second token's marginal
-    assert (p1 - q1).abs().sum() / 2 > 0.3  # the draft is far from the target: the test can tell them apart
-    counts = torch.zeros(2, vocab)
+        p1 = dist(target, ids)[0]  # (V,)
+        P2, Q2 = dist(target, extended(ids)), dist(draft, extended(ids))  # (V, V): after the prompt + each token
+        p2, q2 = p1 @ P2, p1 @ Q2  # the second token's marginal, and what it would be were every draft kept
+        P3 = dist(target, extended(extended(ids)))  # (V * V, V)
+        p3 = (p1[:, None] * P2).reshape(-1) @ P3  # the third token's marginal
+    assert (p2 - q2).abs().sum() / 2 > 0.2  # the draft is far from the target: the test can tell them apart
+    counts = torch.zeros(3, vocab)
     accepted = 0
     for seed in range(n_runs):
         out, stats = speculative_generate(
-            target, draft, ids, max_new_tokens=2, num_draft_tokens=1, temperature=1.0, top_k=top_k, seed=seed,
+            target, draft, ids, max_new_tokens=3, num_draft_tokens=1, temperature=1.0, top_k=top_k, seed=seed,
             eos_token_id=[],
         )  # fmt: skip
-        counts[0, out[0, 3]] += 1
-        counts[1, out[0, 4]] += 1
+        for i in range(3):
+            counts[i, out[0, 3 + i]] += 1
         accepted += stats.accepted
     assert 0.1 * n_runs < accepted < 0.9 * n_runs  # both paths taken many times
-    support = p1 > 0
-    df = int(support.sum()) - 1
-    assert (counts[0, ~support] == 0).all()  # nothing outside the target's top-k
-    assert chi2(counts[0, support], p1[support]) < CHI2_999[df]
-    assert chi2(counts[0, support], q1[support] + 1e-9) > 10 * CHI2_999[df]  # the draft's distribution is rejected
-    assert chi2(counts[1], p2) < CHI2_999[5] if top_k is None else (counts[1][p2 == 0] == 0).all()
+    assert follows(counts[0], p1) and follows(counts[1], p2) and follows(counts[2], p3)
+    assert not follows(counts[1], q2)  # the draft's distribution is rejected
 
 
 def test_bad_arguments_are_refused(hf_folder):

@@ -1,6 +1,7 @@
 """``serve --draft``: speculative decoding inside the continuous-batching engine. Greedy tokens equal ``generate``'s
 (with another draft, and with the target as its own draft, where every proposal is kept); seeded sampling is
-reproducible beside other requests; a draft of another vocabulary is refused at start; the counters count."""
+reproducible beside other requests and, alone, equals ``speculative_generate``'s; a draft of another vocabulary is
+refused at start; the counters count."""
 
 import queue
 import re
@@ -8,9 +9,10 @@ import threading
 
 import httpx
 import pytest
+import torch
 
 from finetune import inference
-from finetune.generation import SamplingConfig
+from finetune.generation import SamplingConfig, speculative_generate
 from finetune.serving.engine import Engine, Request
 from finetune.serving.metrics import Metrics
 from finetune.serving.text import TextOut
@@ -85,6 +87,12 @@ def test_seeded_sampling_with_a_draft_is_reproducible_beside_other_requests(load
     beside = run_all(loaded, draft.model, [*others[:2], seeded, *others[2:]])[0][2]
     again = run_all(loaded, draft.model, [seeded, *others])[0][0]
     assert first == beside == again and len(first) == 16
+    # alone, the same tokens as `generate --draft` with that seed (the same steps, the same draws)
+    ids = torch.tensor([loaded.encode(seeded[0])])
+    s = seeded[1]
+    ref, _ = speculative_generate(loaded.model, draft.model, ids, max_new_tokens=16, num_draft_tokens=3,
+                                  temperature=s.temperature, top_k=s.top_k, seed=s.seed, eos_token_id=[])  # fmt: skip
+    assert first == ref[0, ids.size(1) :].tolist()
     other_seed = run_all(loaded, draft.model, [(seeded[0], SamplingConfig(16, 1.0, 40, None, 8))])[0][0]
     assert other_seed != first
 
