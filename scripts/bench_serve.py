@@ -188,7 +188,8 @@ def ours_url(proc) -> str:
 def summarize(rounds: list[list[dict]]) -> list[str]:
     """A markdown table of the rounds: per server and level, the median over rounds (min-max) of output tokens/s and
     the p50 time to first token and inter-token latency; then each row's ratio to offline generate at concurrency 1,
-    computed within each round (the rounds interleave every server, so a busy moment hits all of them)."""
+    and each server's tokens/s at the top level over concurrency 1, computed within each round (the rounds
+    interleave every server, so a busy moment hits all of them)."""
     import statistics
 
     def spread(xs: list[float], fmt: str) -> str:
@@ -209,6 +210,12 @@ def summarize(rounds: list[list[dict]]) -> list[str]:
             f"| {spread([1000 * r['ttft'][0] for r in rs], '.1f')} | {spread([1000 * r['itl'][0] for r in rs], '.2f')} "
             f"| {spread([1000 * r['itl'][2] for r in rs], '.2f')} | {sum(r['errors'] for r in rs)} |"
         )
+    levels = sorted({c for _, c in keys})
+    for name in dict.fromkeys(n for n, _ in keys):  # what batching buys: the top level over concurrency 1, per round
+        top, one = (name, levels[-1]), (name, 1)
+        if top != one and all(top in a and one in a for a in at) and "offline" not in name:
+            ratio = [a[top]["tok/s"] / a[one]["tok/s"] for a in at]
+            lines.append(f"\n{name}: {spread(ratio, '.2f')}x the tokens/s at concurrency {top[1]} over concurrency 1")
     for key in keys:  # --draft against the same target without it, within each round
         plain = key[0].partition(", --draft")[0], key[1]
         if plain != key and all(plain in a for a in at):
