@@ -488,7 +488,10 @@ def serve_command(argv: list[str]) -> int:
     parser.add_argument("--name", help="the served model's name (default: MODEL's folder name)")
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get 429")
-    parser.add_argument("--max-tokens-limit", type=int, help="refuse max_tokens over this (400)")
+    parser.add_argument("--max-tokens-limit", type=int, help="refuse max_tokens over this (400; encoder-decoders: "
+                        "default 512)")  # fmt: skip
+    parser.add_argument("--max-source-tokens", type=int, help="encoder-decoders (T5): refuse prompts over this many "
+                        "tokens (400; default 512)")  # fmt: skip
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds SIGTERM waits for running requests")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN_FOLDER",
@@ -517,7 +520,8 @@ def serve_command(argv: list[str]) -> int:
                      name=args.name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                      max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
                      grace=args.grace, adapters=adapters, draft=args.draft,
-                     draft_tokens=args.draft_tokens, quantize=_quant_config(args))  # fmt: skip
+                     draft_tokens=args.draft_tokens, quantize=_quant_config(args),
+                     max_source_tokens=args.max_source_tokens)  # fmt: skip
     except (OSError, ValueError) as e:
         print(f"finetune serve: error: {e}", file=sys.stderr)
         return 2

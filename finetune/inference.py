@@ -125,15 +125,16 @@ def load_adapter(base: Loaded, path: str | Path, *, ckpt: str = "best") -> Loade
     """A LoRA run trained on ``base`` (its pretrained folder), its adapter unmerged over ``base``'s weights (shared,
     not copied), with the run's tokenizer and chat template."""
     from finetune.models.hub import resolve
-    from finetune.runs import adapter_model, load_run
+    from finetune.runs import GENERATING, adapter_model, load_run
 
     run = load_run(path, ckpt, for_generation=True)
     pretrained = run.task.hparams.pretrained
     if pretrained is None or resolve(pretrained).resolve() != Path(base.source).resolve():
         raise ValueError(f"--adapter {path}: trained on {pretrained}, not on the served model {base.source}; an "
                          "adapter is served on the base it was trained on")  # fmt: skip
-    if run.task.objective != "causal_lm":
-        raise ValueError(f"--adapter {path}: a {type(run.task).__name__} run; serving takes causal LM runs")
+    if run.task.auto_class not in GENERATING:
+        raise ValueError(f"--adapter {path}: a {type(run.task).__name__} run does not generate text; serving takes "
+                         "causal LM and seq2seq runs")  # fmt: skip
     return _run_loaded(run, adapter_model(run, base.model))
 
 

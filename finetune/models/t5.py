@@ -136,15 +136,25 @@ class T5(Backbone):
         decoder_attention_mask: torch.Tensor | None = None,
         cache=None,
         cross_cache=None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, T) decoder ids over encoder states (B, S, C) -> logits (B, T, V)."""
+        """(B, T) decoder ids over encoder states (B, S, C) -> logits (B, T, V).
+
+        ``encoder_out`` may be None once ``cross_cache`` holds the encoder's keys and values. ``position_ids`` (B, T):
+        each row's own query positions (rows of different lengths in a ``SlotKVCache``, whose
+        ``decoder_attention_mask`` is then the whole (B, 1, T, K) mask); default: counting on from the cached length.
+        """
         T = decoder_input_ids.size(1)
         past = cache[0].size if cache else 0
         x = self.drop(self.shared(decoder_input_ids))  # (B, T, C)
         mask, _ = build_mask(
             q_len=T, k_len=past + T, padding_mask=decoder_attention_mask, causal=True, materialize=True, device=x.device
         )
-        self_bias = self._additive(self.decoder_bias(T, past + T, offset=past).to(x.dtype), mask)  # (B|1, H, T, K)
+        if position_ids is None:
+            bias = self.decoder_bias(T, past + T, offset=past)  # (1, H, T, K)
+        else:
+            bias = self.decoder_bias.at(position_ids, torch.arange(past + T, device=x.device))  # (B, H, T, K)
+        self_bias = self._additive(bias.to(x.dtype), mask)  # (B|1, H, T, K)
         context_mask = None
         if encoder_mask is not None:  # (B, 1, 1, S) additive
             context_mask = torch.zeros(encoder_mask.shape, dtype=x.dtype, device=x.device)
@@ -173,8 +183,9 @@ class T5(Backbone):
             decoder_input_ids, encoder_out, encoder_mask=attention_mask, decoder_attention_mask=decoder_attention_mask
         )
 
-    def make_cross_cache(self, batch_size: int, source_len: int):
-        return self.make_cache(batch_size, source_len, attr="cross_attn")
+    def make_cross_cache(self, batch_size: int, source_len: int, **kw):
+        """One cross-attention cache per decoder layer (``kw``: ``make_cache``'s, e.g. ``kind=SlotKVCache``)."""
+        return self.make_cache(batch_size, source_len, attr="cross_attn", **kw)
 
 
 def _stack(ours: str, hf: str, sub: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:

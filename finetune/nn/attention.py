@@ -156,6 +156,13 @@ class SlotKVCache(KVCache):
             mask &= last - keys < window
         return mask[:, None]  # (rows, 1, T, S)
 
+    def key_mask(self, device=None) -> torch.Tensor | None:
+        """(rows, size) bool, row b's first ``lengths[b]`` keys: a cross-attention cache's rows of different source
+        lengths, padded to the longest. None when the rows share a length (nothing to hide)."""
+        if self.uniform:
+            return None
+        return torch.arange(self.size, device=device)[None] < torch.tensor(self.lengths, device=device)[:, None]
+
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Appends (rows, H_kv, T, D), each row at its own length; returns (rows, H_kv, size, D)."""
         T = k.size(2)
@@ -174,6 +181,11 @@ class SlotKVCache(KVCache):
             self.v[rows, :, at] = v.transpose(1, 2)
         self._set([n + T for n in self.lengths])
         return self.k[: self.rows].narrow(2, 0, self.size), self.v[: self.rows].narrow(2, 0, self.size)
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows in use, (rows, H_kv, size, D) (a cross-attention cache's, read at every step)."""
+        k, v = super().get()
+        return k[: self.rows], v[: self.rows]
 
     def truncate(self, size: int) -> None:
         """Every row to ``size`` positions at most (``rewind`` sets each row's own)."""
@@ -258,9 +270,12 @@ class Attention(nn.Module):
         is_causal: bool = False,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVCache | None = None,
+        cross: bool = False,
     ) -> torch.Tensor:
         """x: (B, T, C). context: (B, S, C') for cross-attention. mask: bool (True = attend) or additive float,
-        broadcastable to (B, H, T, S). rope: (cos, sin), each (B, T, D). Returns (B, T, C)."""
+        broadcastable to (B, H, T, S). rope: (cos, sin), each (B, T, D). ``cross``: cross-attention also without
+        ``context``, over the keys and values ``cache`` already holds (the serving engine keeps no encoder states).
+        Returns (B, T, C)."""
         # Projections are looked up in _modules directly: nn.Module.__getattr__ is a slow fallback, and decoding
         # calls this once per layer per token.
         n, modules = self.names, self._modules
@@ -271,10 +286,12 @@ class Attention(nn.Module):
             q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
         else:
             q = self._heads(modules[n.q](x), self.n_heads)  # (B, H, T, D)
-            if context is not None and cache is not None and cache.size:
+            if (cross or context is not None) and cache is not None and cache.size:
                 k, v = cache.get()  # cross-attention: the encoder's keys and values never change
                 cache = None
             else:
+                if cross and context is None:
+                    raise ValueError("cross-attention needs its context, or a cache that holds its keys and values")
                 src = x if context is None else context
                 k = self._heads(modules[n.k](src), self.n_kv_heads)  # (B, H_kv, S, D)
                 v = self._heads(modules[n.v](src), self.n_kv_heads)

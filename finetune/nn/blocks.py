@@ -54,7 +54,8 @@ class PreNormBlock(nn.Module):
         drop = self.dropout if self.training and self.dropout.p > 0 else _identity
         x = x + drop(self.attn(self.attn_norm(x), mask=mask, is_causal=is_causal, rope=rope, cache=cache))
         if self.cross_attn is not None:
-            h = self.cross_attn(self.cross_attn_norm(x), context=context, mask=context_mask, cache=cross_cache)
+            h = self.cross_attn(self.cross_attn_norm(x), context=context, mask=context_mask, cache=cross_cache,
+                                cross=True)  # fmt: skip
             x = x + drop(h)
         return x + drop(self.mlp(self.mlp_norm(x)))
 

@@ -172,7 +172,8 @@ def relative_position_bucket(
 
 
 class T5RelativeBias(nn.Module):
-    """A learned scalar per (head, distance bucket), added to attention scores: (1, H, Tq, Tk)."""
+    """A learned scalar per (head, distance bucket), added to attention scores: (1, H, Tq, Tk), or (B, H, Tq, Tk)
+    for queries whose positions differ by row (``at``)."""
 
     def __init__(self, *, n_heads: int, num_buckets: int = 32, max_distance: int = 128, bidirectional: bool) -> None:
         super().__init__()
@@ -180,14 +181,17 @@ class T5RelativeBias(nn.Module):
         self.relative_attention_bias = nn.Embedding(num_buckets, n_heads)
 
     def forward(self, q_len: int, k_len: int, *, offset: int = 0) -> torch.Tensor:
-        """Bias for queries at positions ``offset .. offset + q_len`` over keys ``0 .. k_len``."""
+        """Bias for queries at positions ``offset .. offset + q_len`` over keys ``0 .. k_len``: (1, H, Tq, Tk)."""
         device = self.relative_attention_bias.weight.device
-        q_pos = torch.arange(q_len, device=device)[:, None] + offset
-        k_pos = torch.arange(k_len, device=device)[None, :]
+        return self.at(torch.arange(q_len, device=device) + offset, torch.arange(k_len, device=device))[None]
+
+    def at(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Bias for queries at positions ``q_pos`` (..., Tq) over keys at ``k_pos`` (Tk,): (..., H, Tq, Tk). A
+        (B, Tq) ``q_pos`` gives each row its own queries' positions (rows of different lengths decoded together)."""
         buckets = relative_position_bucket(
-            k_pos - q_pos,
+            k_pos - q_pos[..., None],
             bidirectional=self.bidirectional,
             num_buckets=self.num_buckets,
             max_distance=self.max_distance,
-        )  # (Tq, Tk)
-        return self.relative_attention_bias(buckets).permute(2, 0, 1)[None]  # (1, H, Tq, Tk)
+        )  # (..., Tq, Tk)
+        return self.relative_attention_bias(buckets).movedim(-1, -3)  # (..., H, Tq, Tk)

@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from finetune.generation import SamplingConfig, check_context
+from finetune.generation import SamplingConfig
 from finetune.serving.engine import Engine, QueueFull
 from finetune.serving.engine import Request as Job
 from finetune.serving.handoff import Mailbox, Post
@@ -147,6 +147,9 @@ def build_app(state: State) -> FastAPI:
 
         body = await _body(state, request, ChatBody)
         served = _served(state, body.model)
+        if served.loaded.model.is_encoder_decoder:  # as ``finetune chat`` refuses it (inference.Chat)
+            raise APIError(400, f"model: {body.model} is an encoder-decoder (T5), which has no chat; send its input "
+                           "to /v1/completions", param="model")  # fmt: skip
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         if not any(m["content"] for m in messages):
             raise APIError(400, "messages: every message is empty", param="messages")
@@ -221,9 +224,7 @@ def _sampling(state: State, served: Served, body: Common, ids: list[int]) -> Sam
         raise APIError(400, f"{field_name}: {max_tokens} is over this server's limit of {state.max_tokens_limit}",
                        param=field_name)  # fmt: skip
     try:
-        check_context(model, len(ids), max_tokens)
-        if draft is not None:
-            check_context(draft.model, len(ids), max_tokens, whose="the draft model's")
+        served.engine.check(len(ids), max_tokens)  # the context (decoders), the source and decoder bounds (T5)
     except ValueError as e:
         raise APIError(400, f"{field_name}: {str(e).replace('max_new_tokens', field_name)}", param=field_name) from None
     return SamplingConfig(max_tokens, body.temperature, body.top_k, body.top_p, body.seed)

@@ -4,6 +4,8 @@ Each running request owns one row of a ``SlotKVCache`` (its own length and posit
 parameters and seeded generator. A new request is prefilled alone (exactly as ``generate`` runs a prompt), its keys
 and values copied into a free row, and from the next step on it decodes with the others. The ``Scheduler`` only
 decides (who waits, who runs, who leaves); the ``Runner`` only runs the model; the ``Engine`` thread owns both.
+An encoder-decoder (T5) has an ``EncoderDecoderRunner`` of the same surface (``make_runner`` picks it): each source
+is encoded once, alone, when its request is admitted, and the decoders of all rows step together.
 """
 
 import threading
@@ -14,7 +16,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from finetune.generation import DRAFT_TOKENS, SamplingConfig, accept, context_length, next_token, propose
+from finetune.generation import (
+    DRAFT_TOKENS,
+    SamplingConfig,
+    accept,
+    check_context,
+    context_length,
+    next_token,
+    propose,
+)
 from finetune.nn import SlotKVCache
 from finetune.serving.text import TextOut
 
@@ -73,8 +83,22 @@ class Scheduler:
         return r
 
 
+# An encoder-decoder's relative positions (T5) set no limit, so the server sets one on the source it encodes and the
+# tokens it decodes (both size the caches); 512 is the input length T5 was pretrained at.
+ENCODER_DECODER_LIMIT = 512
+
+
+def make_runner(model, *, max_batch: int, headroom: int = 0, max_source: int = ENCODER_DECODER_LIMIT,
+                max_new: int = ENCODER_DECODER_LIMIT) -> "Runner":  # fmt: skip
+    """The runner for ``model``: an ``EncoderDecoderRunner`` (``max_source``/``max_new`` bound its requests) for an
+    encoder-decoder, else a ``Runner`` (its context bounds them)."""
+    if model.is_encoder_decoder:
+        return EncoderDecoderRunner(model, max_batch=max_batch, max_source=max_source, max_new=max_new)
+    return Runner(model, max_batch=max_batch, headroom=headroom)
+
+
 class Runner:
-    """Runs the model: a prompt alone (``prefill``), then tokens appended to every row (``forward``).
+    """Runs a decoder-only model: a prompt alone (``prefill``), then tokens appended to every row (``forward``).
 
     ``headroom``: positions past the context a row may be fed, as padding whose outputs nobody reads (a speculative
     block is as long for every row, also for a row with fewer tokens left); they get the last position id, and the
@@ -83,10 +107,15 @@ class Runner:
     def __init__(self, model, *, max_batch: int, headroom: int = 0) -> None:
         ctx = context_length(model)
         if ctx is None:
-            raise ValueError("serving batches decoder-only models; this model is an encoder-decoder")
+            raise ValueError("Runner runs decoder-only models; an encoder-decoder's is an EncoderDecoderRunner "
+                             "(make_runner)")  # fmt: skip
         self.model, self.device, self.context = model, next(model.parameters()).device, ctx[0]
         self.window = getattr(model.config, "sliding_window", None)
         self.cache = model.make_cache(max_batch, ctx[0] + headroom, kind=SlotKVCache)
+
+    def check(self, prompt_len: int, max_new_tokens: int, *, whose: str = "the model's") -> None:
+        """Raises ValueError, naming both numbers, for a request that does not fit (see ``check_context``)."""
+        check_context(self.model, prompt_len, max_new_tokens, whose=whose)
 
     @torch.inference_mode()
     def prefill(self, ids: list[int]) -> torch.Tensor:
@@ -127,14 +156,85 @@ class Runner:
     def lengths(self) -> list[int]:
         return self.cache[0].lengths
 
+    def _slots(self) -> list[SlotKVCache]:
+        """Every slot cache a row lives in."""
+        return self.cache
+
     def drop(self, row: int) -> None:
-        for c in self.cache:
+        for c in self._slots():
             c.drop(row)
 
     def reset(self) -> None:
         """Frees every row."""
-        for c in self.cache:
+        for c in self._slots():
             c.reset()
+
+
+class EncoderDecoderRunner(Runner):
+    """Runs an encoder-decoder (T5), with the ``Runner``'s surface. A request's source is encoded once, alone, at
+    ``prefill`` (as ``generate`` runs one prompt), which also decodes the start token; its cross-attention keys and
+    values go into a row of per-layer slot caches (rows of different source lengths are padded to the longest in
+    use and hidden by a key-padding mask), its decoder self-attention into a row of ``self.cache``, and each step
+    then decodes every row, with the relative position bias of each row's own positions. Rows of one source length
+    and one decoder length (always so for one row) step exactly as ``EncoderDecoderStepper``: no mask, no positions.
+
+    ``max_source``: the longest source a request may have; ``max_new``: the most tokens it may ask for. Both size
+    the caches (at most), so memory is bounded; ``check`` refuses requests over them."""
+
+    def __init__(self, model, *, max_batch: int, max_source: int = ENCODER_DECODER_LIMIT,
+                 max_new: int = ENCODER_DECODER_LIMIT) -> None:  # fmt: skip
+        if not model.is_encoder_decoder:
+            raise ValueError("EncoderDecoderRunner runs encoder-decoders; a decoder-only model's is a Runner")
+        for name, value in (("max_source", max_source), ("max_new", max_new)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.model, self.device = model, next(model.parameters()).device
+        self.max_source, self.max_new = max_source, max_new
+        self.start = model.config.decoder_start_token_id
+        self.cache = model.make_cache(max_batch, 1 + max_new, kind=SlotKVCache)  # the start token, then tokens
+        self.cross = model.make_cross_cache(max_batch, max_source, kind=SlotKVCache)
+
+    def check(self, prompt_len: int, max_new_tokens: int, *, whose: str = "the model's") -> None:
+        """Raises ValueError, naming both numbers, for a source or a max_new_tokens over this runner's bounds."""
+        if prompt_len > self.max_source:
+            raise ValueError(f"prompt is {prompt_len} tokens, over the {self.max_source} this server encodes for "
+                             f"{whose} encoder (--max-source-tokens): shorten the prompt")  # fmt: skip
+        if max_new_tokens > self.max_new:
+            raise ValueError(f"max_new_tokens {max_new_tokens} is over the {self.max_new} tokens this server decodes "
+                             f"for an encoder-decoder (--max-tokens-limit)")  # fmt: skip
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        """Encodes a source alone and decodes the start token over it (as ``generate`` does), into a new row (the
+        last). Returns the logits of the first token, (1, V)."""
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, S)
+        single, cross = self.model.make_cache(1, 1 + self.max_new), self.model.make_cross_cache(1, len(ids))
+        start = torch.full((1, 1), self.start, dtype=torch.long, device=self.device)
+        logits = self.model.decode(start, self.model.encode(x), cache=single, cross_cache=cross)[:, -1]  # (1, V)
+        for slots, c in zip([*self.cache, *self.cross], [*single, *cross], strict=True):
+            slots.put(*c.get())
+        return logits
+
+    @torch.inference_mode()
+    def forward(self, ids: list[list[int]], keep: int = 1) -> torch.Tensor:
+        """Appends ids[b] (T tokens, the same T for every row) to row b's decoder. Returns the logits of each row's
+        last ``keep`` tokens, (rows, keep, V)."""
+        first = self.cache[0]
+        x = torch.tensor(ids, dtype=torch.long, device=self.device)  # (rows, T)
+        T = x.size(1)
+        logits = self.model.decode(
+            x,
+            None,  # the cross caches hold the encoder's keys and values
+            encoder_mask=self.cross[0].key_mask(self.device),  # (rows, S) or None
+            decoder_attention_mask=first.mask(T, self.device),  # (rows, 1, T, size + T) or None
+            position_ids=first.positions(T, self.device),  # (rows, T) or None
+            cache=self.cache,
+            cross_cache=self.cross,
+        )  # (rows, T, V)
+        return logits[:, -keep:]
+
+    def _slots(self) -> list[SlotKVCache]:
+        return [*self.cache, *self.cross]
 
 
 class Engine:
@@ -147,13 +247,28 @@ class Engine:
     both caches rewind each row to its own length."""
 
     def __init__(
-        self, model, *, max_batch: int = 8, max_queue: int = 64, metrics=None, draft=None, draft_tokens=DRAFT_TOKENS
+        self,
+        model,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        metrics=None,
+        draft=None,
+        draft_tokens=DRAFT_TOKENS,
+        max_source_tokens: int = ENCODER_DECODER_LIMIT,
+        max_new_tokens: int = ENCODER_DECODER_LIMIT,
     ) -> None:
+        """``max_source_tokens``, ``max_new_tokens``: an encoder-decoder's bounds (``EncoderDecoderRunner``); a
+        decoder-only model's context bounds its requests."""
         if draft_tokens < 1:
             raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
+        if draft is not None and (model.is_encoder_decoder or draft.is_encoder_decoder):
+            raise ValueError("--draft: speculative decoding is for decoder-only models; an encoder-decoder (T5) is "
+                             "served without a draft")  # fmt: skip
         headroom = draft_tokens if draft is not None else 0
         self.scheduler = Scheduler(max_batch=max_batch, max_queue=max_queue)
-        self.runner = Runner(model, max_batch=max_batch, headroom=headroom)
+        self.runner = make_runner(model, max_batch=max_batch, headroom=headroom, max_source=max_source_tokens,
+                                  max_new=max_new_tokens)  # fmt: skip
         self.draft = None if draft is None else Runner(draft, max_batch=max_batch, headroom=headroom)
         self.draft_tokens = draft_tokens
         self.metrics = metrics
@@ -183,6 +298,12 @@ class Engine:
             self._stop = True
             self._wake.notify()
         self._thread.join(timeout)
+
+    def check(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Raises ValueError, naming the numbers, for a request the model (or the draft) cannot take."""
+        self.runner.check(prompt_len, max_new_tokens)
+        if self.draft is not None:
+            self.draft.check(prompt_len, max_new_tokens, whose="the draft model's")
 
     @property
     def counts(self) -> tuple[int, int]:

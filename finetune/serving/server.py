@@ -12,7 +12,7 @@ from pathlib import Path
 
 from finetune.generation import DRAFT_TOKENS
 from finetune.serving.api import Served, State, build_app
-from finetune.serving.engine import Engine
+from finetune.serving.engine import ENCODER_DECODER_LIMIT, Engine
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -44,11 +44,14 @@ def serve(
     draft: str | None = None,
     draft_tokens: int = DRAFT_TOKENS,
     quantize=None,
+    max_source_tokens: int | None = None,
 ) -> int:
     """Serves ``model`` under ``name``, and each LoRA run of ``adapters`` ({name: run folder}, trained on
     ``model``) unmerged over its weights under its own name, each in an engine (a batch) of its own. ``draft``: a
     smaller model of the same tokenizer that every engine decodes speculatively with, ``draft_tokens`` per step.
-    ``quantize``: a ``finetune.quant.QuantConfig`` applied to ``model`` after loading (``--quantize``)."""
+    ``quantize``: a ``finetune.quant.QuantConfig`` applied to ``model`` after loading (``--quantize``). An
+    encoder-decoder (T5) encodes sources of up to ``max_source_tokens`` and decodes up to ``max_tokens_limit``
+    tokens (both default ``ENCODER_DECODER_LIMIT``): its positions set no limit, these bound its caches."""
     import uvicorn
 
     for flag, value in (
@@ -56,6 +59,7 @@ def serve(
         ("--max-queue", max_queue),
         ("--max-tokens-limit", max_tokens_limit),
         ("--draft-tokens", draft_tokens),
+        ("--max-source-tokens", max_source_tokens),
     ):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
@@ -85,7 +89,9 @@ def serve(
             tuned = {n: inference.load_adapter(loaded, folder, ckpt=ckpt) for n, folder in (adapters or {}).items()}
             served = {state.name: loaded, **tuned}
             engines = {n: Engine(m.model, max_batch=max_batch, max_queue=max_queue, metrics=state.metrics,
-                                 draft=small and small.model, draft_tokens=draft_tokens)
+                                 draft=small and small.model, draft_tokens=draft_tokens,
+                                 max_source_tokens=max_source_tokens or ENCODER_DECODER_LIMIT,
+                                 max_new_tokens=max_tokens_limit or ENCODER_DECODER_LIMIT)
                        for n, m in served.items()}  # fmt: skip
         except Exception as e:  # noqa: BLE001  (reported, and the server exits 2)
             state.load_error = f"{type(e).__name__}: {e}"

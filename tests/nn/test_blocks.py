@@ -345,6 +345,23 @@ def test_t5_buckets_and_bias_match_hf(bidirectional):
     torch.testing.assert_close(bias(3, 9, offset=6), hf_attn.compute_bias(3, 9, past_seen_tokens=6))
 
 
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_t5_bias_at_per_row_positions_equals_the_offset_call_row_by_row(bidirectional):
+    """Rows decoded together at their own lengths (the serving engine's slot cache): row b's queries at
+    ``offsets[b] ..`` over keys ``0 .. K`` get exactly the bias of the (q_len, k_len, offset) call, which is HF's."""
+    config = T.T5Config(d_model=16, d_kv=4, num_heads=4, is_decoder=not bidirectional)
+    hf_attn = hf_t5.T5Attention(config, has_relative_attention_bias=True)
+    bias = T5RelativeBias(n_heads=4, bidirectional=bidirectional)
+    bias.relative_attention_bias.weight.data.copy_(hf_attn.relative_attention_bias.weight)
+    offsets, T_, K = [0, 5, 140, 17], 2, 160
+    q_pos = torch.tensor(offsets)[:, None] + torch.arange(T_)  # (B, T)
+    rows = bias.at(q_pos, torch.arange(K))  # (B, H, T, K)
+    assert rows.shape == (4, 4, T_, K)
+    for b, offset in enumerate(offsets):
+        assert torch.equal(rows[b : b + 1], bias(T_, K, offset=offset))
+        torch.testing.assert_close(rows[b : b + 1], hf_attn.compute_bias(T_, K, past_seen_tokens=offset))
+
+
 # ------------------------------------------------------------------------------------------ norms, MLPs
 def test_rms_norm_matches_llama_and_t5_norms():
     x = randn(2, 3, 16) * 3
