@@ -1,9 +1,10 @@
 """Continuous batching: requests join and leave the running batch between decode steps.
 
 Each running request owns one row of a ``SlotKVCache`` (its own length and positions) and its own sampling
-parameters and seeded generator. A new request is prefilled alone (exactly as ``generate`` runs a prompt), its keys
-and values copied into a free row, and from the next step on it decodes with the others. The ``Scheduler`` only
-decides (who waits, who runs, who leaves); the ``Runner`` only runs the model; the ``Engine`` thread owns both.
+parameters and seeded generator. A new request is prefilled (alone exactly as ``generate`` runs a prompt; with the
+others admitted in the same step, as one right-padded batch), its keys and values copied into a free row, and from
+the next step on it decodes with the others. The ``Scheduler`` only decides (who waits, who runs, who leaves); the
+``Runner`` only runs the model; the ``Engine`` thread owns both.
 An encoder-decoder (T5) has an ``EncoderDecoderRunner`` of the same surface (``make_runner`` picks it): each source
 is encoded once, alone, when its request is admitted, and the decoders of all rows step together.
 """
@@ -97,8 +98,21 @@ def make_runner(model, *, max_batch: int, headroom: int = 0, max_source: int = E
     return Runner(model, max_batch=max_batch, headroom=headroom)
 
 
+def prefill_groups(requests: list[Request], *, waste: float = 2.0) -> list[list[Request]]:
+    """Requests in groups prefilled together, longest prompts first: a group grows while its right-padded size (rows
+    times its longest prompt) stays within ``waste`` times its real tokens, so padding at most doubles the work."""
+    groups: list[list[Request]] = []
+    for r in sorted(requests, key=lambda r: -len(r.ids)):
+        g = groups[-1] if groups else None
+        if g and (len(g) + 1) * len(g[0].ids) <= waste * (sum(len(x.ids) for x in g) + len(r.ids)):
+            g.append(r)
+        else:
+            groups.append([r])
+    return groups
+
+
 class Runner:
-    """Runs a decoder-only model: a prompt alone (``prefill``), then tokens appended to every row (``forward``).
+    """Runs a decoder-only model: new prompts (``prefill``), then tokens appended to every row (``forward``).
 
     ``headroom``: positions past the context a row may be fed, as padding whose outputs nobody reads (a speculative
     block is as long for every row, also for a row with fewer tokens left); they get the last position id, and the
@@ -118,13 +132,30 @@ class Runner:
         check_context(self.model, prompt_len, max_new_tokens, whose=whose)
 
     @torch.inference_mode()
-    def prefill(self, ids: list[int]) -> torch.Tensor:
-        """Runs a prompt on its own (as ``generate`` does) into a new row (the last). Returns its logits, (1, V)."""
-        single = self.model.make_cache(1, len(ids))
-        x = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
-        logits = self.model(x, cache=single, logits_to_keep=1)[:, -1]  # (1, V)
-        for slots, c in zip(self.cache, single, strict=True):
-            slots.put(*c.get())
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Runs prompts into new rows (the last ones, in order). Returns each one's last logits, (n, V).
+
+        One prompt runs on its own, exactly as ``generate`` runs it. Several run as one batch, right-padded to the
+        longest: causal attention keeps a real token from seeing the padding after it, so each row's keys, values
+        and logits are its own (up to the batched matmuls' rounding), at one forward's cost instead of n."""
+        if len(prompts) == 1:
+            single = self.model.make_cache(1, len(prompts[0]))
+            x = torch.tensor(prompts, dtype=torch.long, device=self.device)  # (1, T)
+            logits = self.model(x, cache=single, logits_to_keep=1)[:, -1]  # (1, V)
+            for slots, c in zip(self.cache, single, strict=True):
+                slots.put(*c.get())
+            return logits
+        lengths = [len(p) for p in prompts]
+        T = max(lengths)
+        batch = self.model.make_cache(len(prompts), T)
+        x = torch.tensor([p + p[-1:] * (T - len(p)) for p in prompts], dtype=torch.long, device=self.device)  # (n, T)
+        h = self.model(x, cache=batch, head=False)  # (n, T, C)
+        last = torch.tensor(lengths, device=self.device) - 1
+        logits = self.model.lm_head(h[torch.arange(len(prompts), device=self.device), last])  # (n, V)
+        for slots, c in zip(self.cache, batch, strict=True):
+            k, v = c.get()  # (n, H_kv, T, D)
+            for b, n in enumerate(lengths):
+                slots.put(k[b : b + 1, :, :n], v[b : b + 1, :, :n])
         return logits
 
     @torch.inference_mode()
@@ -204,9 +235,12 @@ class EncoderDecoderRunner(Runner):
                              f"for an encoder-decoder (--max-tokens-limit)")  # fmt: skip
 
     @torch.inference_mode()
-    def prefill(self, ids: list[int]) -> torch.Tensor:
-        """Encodes a source alone and decodes the start token over it (as ``generate`` does), into a new row (the
-        last). Returns the logits of the first token, (1, V)."""
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Encodes each source alone and decodes the start token over it (as ``generate`` does), into new rows (the
+        last ones, in order). Returns the logits of each one's first token, (n, V)."""
+        return torch.cat([self._prefill(ids) for ids in prompts])
+
+    def _prefill(self, ids: list[int]) -> torch.Tensor:
         x = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, S)
         single, cross = self.model.make_cache(1, 1 + self.max_new), self.model.make_cross_cache(1, len(ids))
         start = torch.full((1, 1), self.start, dtype=torch.long, device=self.device)
@@ -350,15 +384,17 @@ class Engine:
             argmax = logits.argmax(-1).tolist()  # every greedy row's token, in one host sync
             for i, r in enumerate(sched.running):
                 self._sample(r, logits[i : i + 1], argmax[i])
-        for r in admitted:
-            if r.sampling.seed is not None:  # as ``generate`` seeds its own generator, on the model's device
-                r.generator = torch.Generator(device=self.runner.device).manual_seed(r.sampling.seed)
-            logits = self.runner.prefill(r.ids)
+        for group in prefill_groups(admitted):
+            prompts = [r.ids for r in group]
+            logits = self.runner.prefill(prompts)  # (len(group), V)
             if self.draft is not None:
-                self.draft.prefill(r.ids)
+                self.draft.prefill(prompts)
             with self._wake:
-                sched.running.append(r)
-            self._sample(r, logits)
+                sched.running.extend(group)
+            for i, r in enumerate(group):
+                if r.sampling.seed is not None:  # as ``generate`` seeds its own generator, on the model's device
+                    r.generator = torch.Generator(device=self.runner.device).manual_seed(r.sampling.seed)
+                self._sample(r, logits[i : i + 1])
         self._drop_finished()
 
     def _drop_finished(self) -> None:

@@ -10,7 +10,7 @@ import torch
 from finetune import inference
 from finetune.generation import SamplingConfig, generate
 from finetune.nn import KVCache, SlotKVCache
-from finetune.serving.engine import Engine, QueueFull, Request, Runner
+from finetune.serving.engine import Engine, QueueFull, Request, Runner, prefill_groups
 from finetune.serving.text import TextOut
 from tests.test_inference import tiny_llama
 
@@ -18,6 +18,9 @@ PROMPTS = [
     "once", "the cat sat on the mat and", "one two three four five six seven eight nine", "hello how",
     "user assistant hello", "the dog ran after the ball. the cat", "twelve", "I am fine, thank you. what",
 ]  # fmt: skip
+
+
+prefill = Runner.prefill
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +38,12 @@ def wait_idle(engine, tries: int = 100) -> None:
     assert engine.counts == (0, 0)
 
 
-def run_all(loaded, jobs, *, max_batch=8):
-    """Submits every (prompt, SamplingConfig) at once; returns each one's generated ids and finish event."""
-    engine = Engine(loaded.model, max_batch=max_batch, max_queue=64).start()
+def run_all(loaded, jobs, *, max_batch=8, queued=False):
+    """Submits every (prompt, SamplingConfig) at once; returns each one's generated ids. ``queued``: all are queued
+    before the engine starts, so its first step admits (and prefills together) as many as it has rows."""
+    engine = Engine(loaded.model, max_batch=max_batch, max_queue=64)
+    if not queued:
+        engine.start()
     done: queue.Queue = queue.Queue()
     reqs = []
     try:
@@ -46,6 +52,8 @@ def run_all(loaded, jobs, *, max_batch=8):
             r = Request(loaded.encode(prompt), sampling, [], TextOut(loaded.tokenizer, []), emit)
             reqs.append(r)
             engine.submit(r)
+        if queued:
+            engine.start()
         for _ in jobs:
             done.get(timeout=60)
         wait_idle(engine)
@@ -65,6 +73,50 @@ def test_concurrent_greedy_requests_equal_generate_alone(loaded):
     jobs = [(p, SamplingConfig(max_new_tokens=3 + 4 * i, temperature=0.0)) for i, p in enumerate(PROMPTS)]
     got = run_all(loaded, jobs, max_batch=4)  # more requests than rows: some join as others leave
     assert got == [alone(loaded, p, s) for p, s in jobs]
+
+
+def test_requests_admitted_together_are_prefilled_together_and_equal_generate_alone(loaded, monkeypatch):
+    jobs = [(p, SamplingConfig(max_new_tokens=2 + 3 * i, temperature=0.0)) for i, p in enumerate(PROMPTS)]
+    jobs.append(("the cat sat", SamplingConfig(max_new_tokens=12, temperature=1.0, top_k=40, seed=7)))
+    groups = []
+    monkeypatch.setattr(Runner, "prefill", lambda self, prompts: groups.append(len(prompts)) or prefill(self, prompts))
+    got = run_all(loaded, jobs, max_batch=6, queued=True)
+    assert got == [alone(loaded, p, s) for p, s in jobs]
+    assert groups[0] > 1  # the first step's admissions ran as one batch (or a few)
+
+
+def test_prompts_prefilled_together_get_the_keys_values_and_logits_each_gets_alone(loaded):
+    """A right-padded batch of prompts of different lengths: each row's logits and cached keys/values are those of
+    its prompt run alone (within 1e-5: a batched matmul rounds unlike a one-row one), each row has its own length,
+    and the next step decodes every row as it would alone."""
+    model = loaded.model
+    prompts = [loaded.encode(p) for p in PROMPTS[1:4]]
+    assert len({len(p) for p in prompts}) == 3
+    runner = Runner(model, max_batch=4)
+    with torch.inference_mode():
+        logits = runner.prefill(prompts)  # (3, V)
+        assert runner.lengths == [len(p) for p in prompts]
+        nxt = runner.decode([5, 9, 17])  # (3, V)
+        for b, ids in enumerate(prompts):
+            single = model.make_cache(1, 64)
+            ref = model(torch.tensor([ids]), cache=single, logits_to_keep=1)[:, -1]  # (1, V)
+            torch.testing.assert_close(logits[b : b + 1], ref, rtol=1e-5, atol=1e-5)
+            for slots, c in zip(runner.cache, single, strict=True):
+                k, v = c.get()  # (1, H_kv, T, D)
+                torch.testing.assert_close(slots.k[b : b + 1, :, : len(ids)], k, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(slots.v[b : b + 1, :, : len(ids)], v, rtol=1e-5, atol=1e-5)
+            ref = model(torch.tensor([[[5, 9, 17][b]]]), cache=single, logits_to_keep=1)[:, -1]
+            torch.testing.assert_close(nxt[b : b + 1], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_groups_bound_the_padding_to_twice_the_prompts():
+    def group(lengths):
+        reqs = [Request([1] * n, SamplingConfig(), [], None, None) for n in lengths]
+        return [[len(r.ids) for r in g] for g in prefill_groups(reqs)]
+
+    assert group([2, 10, 1, 9]) == [[10, 9, 2, 1]]  # 4 rows of 10 = 40 positions for 22 tokens: within 2x
+    assert group([10, 100, 10]) == [[100, 10], [10]]  # a third row of 100 would be 300 for 120
+    assert group([7]) == [[7]] and group([]) == []
 
 
 def test_seeded_sampling_is_reproducible_beside_other_requests(loaded):
@@ -105,12 +157,12 @@ def test_rows_of_one_length_step_exactly_as_generate_does(loaded):
     runner = Runner(model, max_batch=4)
     single = model.make_cache(1, 64)
     with torch.inference_mode():
-        assert torch.equal(runner.prefill(ids), model(torch.tensor([ids]), cache=single, logits_to_keep=1)[:, -1])
+        assert torch.equal(runner.prefill([ids]), model(torch.tensor([ids]), cache=single, logits_to_keep=1)[:, -1])
         for tok in (5, 9, 17):
             assert runner.cache[0].mask() is None and runner.cache[0].positions() is None
             ref = model(torch.tensor([[tok]]), cache=single, logits_to_keep=1)[:, -1]
             assert torch.equal(runner.decode([tok]), ref)
-        runner.prefill(ids + [5, 9, 17])  # a second row of the same length: still one write, no mask
+        runner.prefill([ids + [5, 9, 17]])  # a second row of the same length: still one write, no mask
         assert runner.lengths == [len(ids) + 3] * 2 and runner.cache[0].mask() is None
 
 
@@ -125,7 +177,7 @@ def test_rows_of_different_lengths_append_blocks_and_rewind_each_to_its_own_leng
     keep = [1, 3, 0]  # tokens of its block each row keeps
     with torch.inference_mode():
         for ids in prompts:
-            runner.prefill(ids)
+            runner.prefill([ids])
         batched = runner.forward(blocks, keep=3)  # (3, 3, V)
         runner.rewind([len(ids) + k for ids, k in zip(prompts, keep, strict=True)])
         nxt = runner.decode([11, 12, 13])  # (3, V)

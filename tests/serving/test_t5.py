@@ -111,7 +111,7 @@ def test_t5_rows_step_with_each_rows_own_logits_as_they_join_and_leave(loaded):
     def join(source: str) -> None:
         ids = torch.tensor([loaded.encode(source)])
         stepper = EncoderDecoderStepper(model, ids, None, 16)
-        first = runner.prefill(ids[0].tolist())
+        first = runner.prefill([ids[0].tolist()])
         torch.testing.assert_close(first, stepper.start(), rtol=0, atol=0)  # alone: exactly generate's first step
         rows.append(stepper)
 
@@ -140,7 +140,7 @@ def test_one_t5_row_steps_exactly_as_generate_does(loaded):
     runner = EncoderDecoderRunner(model, max_batch=4, max_source=64, max_new=16)
     with torch.inference_mode():  # as generate runs
         stepper = EncoderDecoderStepper(model, ids, None, 16)
-        assert torch.equal(runner.prefill(ids[0].tolist()), stepper.start())
+        assert torch.equal(runner.prefill([ids[0].tolist()]), stepper.start())
         for tok in (5, 9, 17, 200):
             first = runner.cache[0]
             assert first.mask() is None and first.positions() is None and runner.cross[0].key_mask() is None
