@@ -246,9 +246,18 @@ def test_t5_chat_and_requests_over_the_bounds_get_a_400_naming_why(server, t5_di
         client.completions.create(model=t5_dir.name, prompt="hello", max_tokens=513)
 
 
-def test_t5_with_a_draft_is_refused_at_startup(t5_dir):
-    cmd = [sys.executable, "-m", "finetune.cli", "serve", str(t5_dir), "--port", "0", "--draft", str(t5_dir)]
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--draft", "T5"], "--draft: speculative decoding is for decoder-only models"),
+        (["--quantize", "int8"], "weight-only quantization is for decoder-only language models, not T5"),
+    ],
+    ids=["draft", "quantize"],
+)
+def test_t5_with_a_draft_or_quantized_is_refused_at_startup(t5_dir, flags, message):
+    flags = [str(t5_dir) if f == "T5" else f for f in flags]
+    cmd = [sys.executable, "-m", "finetune.cli", "serve", str(t5_dir), "--port", "0", *flags]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert done.returncode == 2
-    assert "--draft: speculative decoding is for decoder-only models" in done.stderr
+    assert message in done.stderr
