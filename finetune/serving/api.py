@@ -36,8 +36,33 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# OpenAI fields this server does not implement, with the values that ask for nothing (what clients send by default).
+# Any other value is refused with a 400 naming the field: a penalty or logit bias silently not applied would change
+# the answer the client asked for without saying so.
+UNSUPPORTED: dict[str, tuple] = {
+    "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "suffix": (None, ""), "tools": (None, []), "functions": (None, []), "response_format": (None, {"type": "text"}),
+}  # fmt: skip
+
+
+def _asks_nothing(value, neutral) -> bool:
+    if isinstance(value, bool) or isinstance(neutral, bool):  # False == 0 in Python; not in JSON
+        return value is neutral
+    return value == neutral
+
+
+def _unsupported(data: dict) -> None:
+    for name, neutral in UNSUPPORTED.items():
+        value = data.get(name)
+        if not any(_asks_nothing(value, v) for v in neutral):
+            raise APIError(400, f"{name}: not supported by this server (got {json.dumps(value)[:80]}); leave it out",
+                           param=name)  # fmt: skip
+
+
 class Common(BaseModel):
-    """Fields both endpoints take; unknown fields are ignored (clients send OpenAI's whole vocabulary)."""
+    """Fields both endpoints take; other fields are ignored (clients send OpenAI's whole vocabulary), except those of
+    ``UNSUPPORTED`` set to a value that asks for something."""
 
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -190,6 +215,7 @@ async def _body(state: State, request: Request, schema: type[BaseModel]) -> Base
         raise APIError(400, f"the request body is not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    _unsupported(data)
     try:
         return schema.model_validate(data)
     except ValidationError as e:

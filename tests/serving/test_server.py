@@ -191,6 +191,26 @@ def test_errors_name_the_field_and_the_server_still_answers(server, loaded, mode
     assert out["choices"][0]["text"] == greedy(loaded, "the cat", 4)
 
 
+def test_openai_fields_the_server_does_not_implement_are_refused_unless_they_ask_for_nothing(server, loaded, model_dir):
+    """A penalty, logit bias, logprobs or tools silently not applied would change the answer without saying so: a
+    400 names the field. At their neutral values (what some clients always send) they are accepted."""
+    name = model_dir.name
+    ok = {"model": name, "prompt": "the cat", "max_tokens": 4, "temperature": 0}
+    msg = error(server.post("/v1/completions", json={**ok, "frequency_penalty": 0.5}), 400)
+    assert msg == "frequency_penalty: not supported by this server (got 0.5); leave it out"
+    assert error(server.post("/v1/completions", json={**ok, "echo": True}), 400).startswith("echo: not supported")
+    chat = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert error(server.post("/v1/chat/completions", json={**chat, "logprobs": True}), 400).startswith("logprobs:")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    assert error(server.post("/v1/chat/completions", json={**chat, "tools": tools}), 400).startswith("tools:")
+    with pytest.raises(openai.BadRequestError, match="presence_penalty: not supported"):
+        server.client().completions.create(model=name, prompt="x", presence_penalty=1.0)
+    neutral = {"frequency_penalty": 0, "presence_penalty": 0.0, "logprobs": None, "echo": False, "best_of": 1,
+               "logit_bias": {}, "response_format": {"type": "text"}}  # fmt: skip
+    out = server.post("/v1/completions", json={**ok, **neutral}).json()
+    assert out["choices"][0]["text"] == greedy(loaded, "the cat", 4)
+
+
 def test_a_client_leaving_mid_stream_frees_its_row(server, model_dir):
     """The client leaves after its first chunk: the row is freed long before the request's 250 tokens (reading
     ``running`` while streaming would race a tiny model that finishes in well under a second)."""
