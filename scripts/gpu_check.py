@@ -15,7 +15,8 @@ fine-tuning at bf16-mixed and bf16-true, with and without gradient checkpointing
 change and have the precision's dtype; GPU: peak memory, and checkpointing must lower it); which SDPA kernel runs
 (profiler op names: flash for causal MHA and for unmasked GQA through ``enable_gqa``; with a padding mask K/V are
 repeated and the memory-efficient kernel must run, not the math one); QLoRA (NF4 ``Linear4bit`` base) on the GPU;
-``fsdp``, FSDP2 (``ModelParallelStrategy``) and ``deepspeed_stage_2`` on one device; ``scripts/bench_train.py
+``fsdp``, FSDP2 (``ModelParallelStrategy``) and ``deepspeed_stage_2`` on one device; the serving engine's batched
+greedy tokens against ``generate`` alone; ``scripts/bench_train.py
 --device cuda`` (finetune against HF + peft, LoRA, bf16) with MFU, which must reach 50%.
 """
 
@@ -170,6 +171,61 @@ for _precision in ("bf16-mixed", "bf16-true"):
             row(_name, _claim, timeout_s=300)(
                 lambda a, p=_precision, ad=_adapter, gc=_gc: fit(a, precision=p, adapter=ad, gradient_checkpointing=gc)
             )
+
+
+@row("serve-engine", "serving engine: concurrent greedy requests of different lengths get generate's tokens alone",
+     timeout_s=300)  # fmt: skip
+def serve_engine(a) -> str:
+    """Six prompts of different lengths decoded together by the continuous-batching engine (rows of different
+    lengths: masked, batched steps) against ``generate`` on each alone, on the GPU when there is one; with the
+    tokens/s of both. A mismatch reports the single row's top-2 logit gap where the two part (a tie or not)."""
+    import queue
+
+    import torch
+
+    from finetune import inference
+    from finetune.generation import SamplingConfig, generate
+    from finetune.serving.engine import Engine, Request
+    from finetune.serving.text import TextOut
+
+    device = "cuda" if cuda() else "cpu"
+    loaded, n_new = inference.load(a.folder, device=device), 16
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, a.vocab, (n,), generator=g).tolist() for n in (5, 17, 9, 33, 2, 12)]
+
+    def alone(ids: list[int]) -> list[int]:
+        out = generate(loaded.model, torch.tensor([ids], device=device), max_new_tokens=n_new, eos_token_id=[])
+        return out[0, len(ids) :].tolist()
+
+    alone(prompts[0])  # warm-up
+    t0 = time.perf_counter()
+    expected = [alone(p) for p in prompts]
+    t_alone = time.perf_counter() - t0
+    engine, done = Engine(loaded.model, max_batch=len(prompts)), queue.Queue()
+    emit = lambda e: ("finish_reason" in e or "error" in e) and done.put(e)  # noqa: E731
+    reqs = [Request(p, SamplingConfig(max_new_tokens=n_new), [], TextOut(loaded.tokenizer, []), emit) for p in prompts]
+    for r in reqs:
+        engine.submit(r)
+    t0 = time.perf_counter()
+    engine.start()
+    try:
+        events = [done.get(timeout=120) for _ in reqs]
+    finally:
+        engine.stop(timeout=10)
+    t_batched = time.perf_counter() - t0
+    if errors := [e["error"] for e in events if "error" in e]:
+        raise AssertionError(errors[0])
+    for i, (r, want) in enumerate(zip(reqs, expected, strict=True)):
+        if r.generated != want:
+            j = next(j for j, (x, y) in enumerate(zip(r.generated, want, strict=True)) if x != y)
+            with torch.inference_mode():
+                logits = loaded.model(torch.tensor([prompts[i] + want[:j]], device=device))[0, -1].float()
+            top = logits.topk(2).values
+            raise AssertionError(f"request {i} parts from generate at token {j} ({r.generated[j]} vs {want[j]}; "
+                                 f"top-2 logit gap alone {float(top[0] - top[1]):.2e})")  # fmt: skip
+    tokens = n_new * len(prompts)
+    return (f"{len(prompts)} requests = generate alone ({device}); {tokens / t_batched:.0f} tok/s batched, "
+            f"{tokens / t_alone:.0f} one at a time")  # fmt: skip
 
 
 def sdpa_ops(fn) -> set[str]:
