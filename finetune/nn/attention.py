@@ -1,6 +1,7 @@
 """Multi-head attention over ``F.scaled_dot_product_attention``: MHA, GQA and MQA; self- and cross-attention;
 a KV cache grown on demand for incremental decoding; and the mask builder the models share."""
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -175,8 +176,7 @@ class SlotKVCache(KVCache):
             self.k[: self.rows].narrow(2, self.size, T).copy_(k)
             self.v[: self.rows].narrow(2, self.size, T).copy_(v)
         else:
-            rows = torch.arange(self.rows, device=self.k.device)[:, None]  # (rows, 1)
-            at = torch.tensor(self.lengths, device=self.k.device)[:, None] + torch.arange(T, device=self.k.device)
+            rows, at = _write_index(tuple(self.lengths), T, self.k.device)
             self.k[rows, :, at] = k.transpose(1, 2)  # (rows, T, H_kv, D)
             self.v[rows, :, at] = v.transpose(1, 2)
         self._set([n + T for n in self.lengths])
@@ -194,6 +194,14 @@ class SlotKVCache(KVCache):
     def reset(self) -> None:
         """Frees every row."""
         self._set([])
+
+
+@functools.lru_cache(maxsize=4)
+def _write_index(lengths: tuple[int, ...], T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a step appending T tokens to rows of these lengths writes: (rows, 1) row numbers and (rows, T) positions.
+    Every layer's cache of a step asks for the same ones: built once per step, not once per layer."""
+    rows = torch.arange(len(lengths), device=device)[:, None]  # (rows, 1)
+    return rows, torch.tensor(lengths, device=device)[:, None] + torch.arange(T, device=device)  # (rows, T)
 
 
 class AttentionNames(NamedTuple):

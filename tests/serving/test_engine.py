@@ -10,6 +10,7 @@ import torch
 from finetune import inference
 from finetune.generation import SamplingConfig, generate
 from finetune.nn import KVCache, SlotKVCache
+from finetune.nn.attention import _write_index
 from finetune.serving.engine import Engine, QueueFull, Request, Runner, prefill_groups
 from finetune.serving.text import TextOut
 from tests.test_inference import tiny_llama
@@ -129,7 +130,8 @@ def test_seeded_sampling_is_reproducible_beside_other_requests(loaded):
 
 def test_batched_step_logits_match_a_single_row(loaded):
     """Rows of different lengths decoded together give each row's own logits, within 1e-5 absolute plus 1e-5
-    relative (a 3-row matmul and a masked attention round unlike a 1-row unmasked one)."""
+    relative (a 3-row matmul and a masked attention round unlike a 1-row unmasked one); the layers' caches share
+    one write index."""
     model = loaded.model
     slots = model.make_cache(3, 64, kind=SlotKVCache)
     prompts = [loaded.encode(p) for p in PROMPTS[1:4]]
@@ -144,7 +146,10 @@ def test_batched_step_logits_match_a_single_row(loaded):
         nxt = [5, 9, 17]
         mask = slots[0].mask()
         pos = torch.tensor(slots[0].lengths)[:, None]
+        before = _write_index.cache_info()
         batched = model(torch.tensor(nxt)[:, None], attention_mask=mask, position_ids=pos, cache=slots)[:, -1]
+        after = _write_index.cache_info()  # every layer writes at the same places: built once for the step
+        assert (after.misses - before.misses, after.hits - before.hits) == (1, len(slots) - 1)
         for i, single in enumerate(singles):
             ref = model(torch.tensor([[nxt[i]]]), cache=single)[:, -1]
             torch.testing.assert_close(batched[i : i + 1], ref, rtol=1e-5, atol=1e-5)
