@@ -103,6 +103,10 @@ def serve(
             print(f"finetune serve: {n} loaded ({m.source})", file=sys.stderr, flush=True)
 
     print(f"finetune serve: listening on http://{host}:{bound}", flush=True)
+    # Loading runs off the main thread (which then only serves HTTP), and its thread ends before the first request:
+    # torch work on a second live thread would leave a second OpenMP pool beside the engine thread's, libgomp then
+    # throttles its workers' spinning when they outnumber the cores, and every small op of a decode step pays a
+    # futex wake-up (3.6x slower steps on 2 cores, measured). Each engine (--adapter) has a pool of its own.
     loader = threading.Thread(target=load, name="finetune-load", daemon=True)
     loader.start()
     # uvicorn re-raises the signal that stopped it once it has shut down; a no-op handler lets serve return 0.
