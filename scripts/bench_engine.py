@@ -2,7 +2,7 @@
 queue that a freed batch admits at once, or clients that connect in the same instant), and the time of a decode
 step of those rows (prompts of different lengths, so a masked, batched step).
 
-    python scripts/bench_engine.py [--model HF_FOLDER] [--extra-layers 0] [--burst 8] [--rounds 15]
+    python scripts/bench_engine.py [--model HF_FOLDER] [--extra-layers 0] [--burst 8] [--engines 1] [--rounds 15]
         [--baseline CHECKOUT]
 
 Each round queues ``--burst`` prompts before the engine starts, each asking for ``--tokens`` tokens, and times until
@@ -10,7 +10,9 @@ the last of them has its first token, then until the last has its last token (th
 tokens after the first). With ``--baseline``, the same is run from another checkout of this repository in a
 subprocess of its own, alternating with this one round by round; ratios are taken per pair of rounds. Default model:
 the quickstart-shaped random LLaMA of ``bench_serve.py``; ``--extra-layers N`` adds N layers that compute nothing
-(``bench_serve.deep_target``), for a deeper model's per-layer costs.
+(``bench_serve.deep_target``), for a deeper model's per-layer costs; ``--engines N`` deals the requests to N
+engines of the model (as ``serve --adapter`` runs one per adapter), on one shared thread where the checkout has
+``EngineThread``.
 """
 
 import argparse
@@ -42,15 +44,23 @@ def _load_off_main(inference, folder: str):
     return box["loaded"]
 
 
-def one_round(folder: str, burst: int, tokens: int) -> tuple[float, float]:
-    """(ms from the engine's start to the last first token, ms per decode step after it) for ``burst`` requests."""
+def one_round(folder: str, burst: int, tokens: int, n_engines: int = 1) -> tuple[float, float]:
+    """(ms from the engine's start to the last first token, ms per decode step after it) for ``burst`` requests,
+    dealt in turn to ``n_engines`` engines of the same model (as ``serve --adapter`` runs several)."""
     from finetune import inference
     from finetune.generation import SamplingConfig
     from finetune.serving.engine import Engine, Request
     from finetune.serving.text import TextOut
 
     loaded = one_round.loaded = getattr(one_round, "loaded", None) or _load_off_main(inference, folder)
-    engine, firsts, lasts = Engine(loaded.model, max_batch=burst, max_queue=burst), {}, {}
+    try:  # one thread for every engine, as serve runs them (a checkout from before it gives each engine its own)
+        from finetune.serving.engine import EngineThread
+
+        shared = {"thread": EngineThread()}
+    except ImportError:
+        shared = {}
+    engines = [Engine(loaded.model, max_batch=burst, max_queue=burst, **shared) for _ in range(n_engines)]
+    firsts, lasts = {}, {}
     done = threading.Event()  # waited on, not polled: a polling thread would take the GIL from the engine's steps
 
     def emit(event: dict, i: int) -> None:
@@ -64,23 +74,26 @@ def one_round(folder: str, burst: int, tokens: int) -> tuple[float, float]:
     for i in range(burst):
         ids = loaded.encode(PROMPTS[i % len(PROMPTS)])
         sampling = SamplingConfig(max_new_tokens=tokens)
-        engine.submit(Request(ids, sampling, [], TextOut(loaded.tokenizer, []), lambda e, i=i: emit(e, i)))
+        engines[i % n_engines].submit(Request(ids, sampling, [], TextOut(loaded.tokenizer, []),
+                                              lambda e, i=i: emit(e, i)))  # fmt: skip
     start = time.perf_counter()
-    engine.start()
+    for engine in engines:
+        engine.start()
     done.wait(timeout=120)
-    engine.stop(timeout=10)
+    for engine in engines:
+        engine.stop(timeout=10)
     first, last = max(firsts.values()), max(lasts.values())
     return 1000 * (first - start), 1000 * (last - first) / (tokens - 1)
 
 
-def worker(folder: str, burst: int, tokens: int) -> None:
+def worker(folder: str, burst: int, tokens: int, n_engines: int) -> None:
     """Serves rounds over stdin/stdout: a line in, a JSON pair out (so the baseline's imports are its own)."""
     import finetune
 
     print(f"bench_engine worker: finetune from {Path(finetune.__file__).parent}", file=sys.stderr)
-    one_round(folder, burst, tokens)  # warm-up
+    one_round(folder, burst, tokens, n_engines)  # warm-up
     for _ in sys.stdin:
-        print(json.dumps(one_round(folder, burst, tokens)), flush=True)
+        print(json.dumps(one_round(folder, burst, tokens, n_engines)), flush=True)
 
 
 def main() -> int:
@@ -91,10 +104,12 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=33, help="tokens each request asks for")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--baseline", metavar="CHECKOUT", help="also time another checkout of this repository")
-    p.add_argument("--worker", nargs=3, metavar=("FOLDER", "BURST", "TOKENS"), help=argparse.SUPPRESS)
+    p.add_argument("--engines", type=int, default=1, help="engines of the model the requests are dealt to (serve's "
+                   "--adapter runs one per adapter)")  # fmt: skip
+    p.add_argument("--worker", nargs=4, metavar=("FOLDER", "BURST", "TOKENS", "ENGINES"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        worker(args.worker[0], int(args.worker[1]), int(args.worker[2]))
+        worker(args.worker[0], *map(int, args.worker[1:]))
         return 0
     sys.path.insert(0, str(ROOT / "scripts"))
     from bench_serve import deep_target, model_folder
@@ -106,7 +121,15 @@ def main() -> int:
         checkouts = {"this checkout": ROOT} | ({f"@ {args.baseline}": Path(args.baseline)} if args.baseline else {})
         procs = {
             name: subprocess.Popen(
-                [sys.executable, __file__, "--worker", str(folder), str(args.burst), str(args.tokens)],
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    str(folder),
+                    str(args.burst),
+                    str(args.tokens),
+                    str(args.engines),
+                ],
                 cwd=path,
                 env={**os.environ, "PYTHONPATH": str(path.resolve())},
                 stdin=subprocess.PIPE,
@@ -128,7 +151,8 @@ def main() -> int:
     def spread(xs: list[float], fmt: str) -> str:
         return f"{format(statistics.median(xs), fmt)} ({format(min(xs), fmt)}-{format(max(xs), fmt)})"
 
-    print(f"burst of {args.burst} queued requests of {args.tokens} tokens, {args.rounds} rounds; median (min-max)\n")
+    print(f"burst of {args.burst} queued requests of {args.tokens} tokens for {args.engines} engine(s), {args.rounds} "
+          "rounds; median (min-max)\n")  # fmt: skip
     print("| checkout | last first token, ms | decode step, ms |\n|---|---|---|")
     for name, ts in times.items():
         print(f"| {name} | {spread([t[0] for t in ts], '.1f')} | {spread([t[1] for t in ts], '.2f')} |")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from finetune.generation import DRAFT_TOKENS
 from finetune.serving.api import Served, State, build_app
-from finetune.serving.engine import ENCODER_DECODER_LIMIT, Engine
+from finetune.serving.engine import ENCODER_DECODER_LIMIT, Engine, EngineThread
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -88,8 +88,9 @@ def serve(
                 inference.check_draft(loaded, small)
             tuned = {n: inference.load_adapter(loaded, folder, ckpt=ckpt) for n, folder in (adapters or {}).items()}
             served = {state.name: loaded, **tuned}
+            thread = EngineThread()  # every engine steps on one thread: one OpenMP pool (see EngineThread)
             engines = {n: Engine(m.model, max_batch=max_batch, max_queue=max_queue, metrics=state.metrics,
-                                 draft=small and small.model, draft_tokens=draft_tokens,
+                                 thread=thread, draft=small and small.model, draft_tokens=draft_tokens,
                                  max_source_tokens=max_source_tokens or ENCODER_DECODER_LIMIT,
                                  max_new_tokens=max_tokens_limit or ENCODER_DECODER_LIMIT)
                        for n, m in served.items()}  # fmt: skip
@@ -106,7 +107,8 @@ def serve(
     # Loading runs off the main thread (which then only serves HTTP), and its thread ends before the first request:
     # torch work on a second live thread would leave a second OpenMP pool beside the engine thread's, libgomp then
     # throttles its workers' spinning when they outnumber the cores, and every small op of a decode step pays a
-    # futex wake-up (3.6x slower steps on 2 cores, measured). Each engine (--adapter) has a pool of its own.
+    # futex wake-up (3.6x slower steps on 2 cores, measured). For the same reason every engine (the model and each
+    # --adapter) steps on one EngineThread.
     loader = threading.Thread(target=load, name="finetune-load", daemon=True)
     loader.start()
     # uvicorn re-raises the signal that stopped it once it has shut down; a no-op handler lets serve return 0.

@@ -2,6 +2,7 @@
 beside it; seeded sampling is reproducible; rows join and leave between steps; the slot cache keeps rows apart."""
 
 import queue
+import threading
 import time
 
 import pytest
@@ -11,7 +12,7 @@ from finetune import inference
 from finetune.generation import SamplingConfig, generate
 from finetune.nn import KVCache, SlotKVCache
 from finetune.nn.attention import _write_index
-from finetune.serving.engine import Engine, QueueFull, Request, Runner, prefill_groups
+from finetune.serving.engine import Engine, EngineThread, QueueFull, Request, Runner, prefill_groups
 from finetune.serving.text import TextOut
 from tests.test_inference import tiny_llama
 
@@ -118,6 +119,42 @@ def test_prefill_groups_bound_the_padding_to_twice_the_prompts():
     assert group([2, 10, 1, 9]) == [[10, 9, 2, 1]]  # 4 rows of 10 = 40 positions for 22 tokens: within 2x
     assert group([10, 100, 10]) == [[100, 10], [10]]  # a third row of 100 would be 300 for 120
     assert group([7]) == [[7]] and group([]) == []
+
+
+def test_engines_sharing_a_thread_step_in_turn_on_it_and_stop_one_by_one(loaded):
+    """Two engines (the model and an adapter, as ``serve`` runs them) on one ``EngineThread``: requests to both,
+    at once, get generate's tokens, every step runs on that one thread (one OpenMP pool), an engine stopped leaves
+    the other serving, and the thread ends with the last."""
+    thread = EngineThread()
+    engines = [Engine(loaded.model, max_batch=4, thread=thread).start() for _ in range(2)]
+    done: queue.Queue = queue.Queue()
+    jobs = [(p, SamplingConfig(max_new_tokens=3 + 2 * i, temperature=0.0)) for i, p in enumerate(PROMPTS[:6])]
+    reqs, threads = [], set()
+
+    def emit(event: dict, i: int) -> None:
+        threads.add(threading.get_ident())
+        if "finish_reason" in event:
+            done.put(i)
+
+    try:
+        for i, (prompt, sampling) in enumerate(jobs):
+            r = Request(loaded.encode(prompt), sampling, [], TextOut(loaded.tokenizer, []), lambda e, i=i: emit(e, i))
+            reqs.append(r)
+            engines[i % 2].submit(r)
+        for _ in jobs:
+            done.get(timeout=60)
+        assert [r.generated for r in reqs] == [alone(loaded, p, s) for p, s in jobs]
+        assert len(threads) == 1 and threads != {threading.get_ident()}
+        engines[0].stop(timeout=10)
+        assert thread.engines == [engines[1]]
+        r = Request(loaded.encode(PROMPTS[1]), SamplingConfig(5, 0.0), [], TextOut(loaded.tokenizer, []),
+                    lambda e: "finish_reason" in e and done.put("last"))  # fmt: skip
+        engines[1].submit(r)
+        assert done.get(timeout=60) == "last" and r.generated == alone(loaded, PROMPTS[1], SamplingConfig(5, 0.0))
+    finally:
+        for e in engines:
+            e.stop(timeout=10)
+    assert thread.engines == [] and thread._thread is None
 
 
 def test_seeded_sampling_is_reproducible_beside_other_requests(loaded):
