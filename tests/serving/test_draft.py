@@ -17,6 +17,7 @@ from finetune.serving.engine import Engine, Request
 from finetune.serving.metrics import Metrics
 from finetune.serving.text import TextOut
 from tests.serving.test_engine import PROMPTS, alone, wait_idle
+from tests.serving.test_engine import run_all as run_engine
 from tests.serving.test_server import Server, greedy
 from tests.test_inference import tiny_llama
 
@@ -41,22 +42,8 @@ def draft(folders):
 def run_all(loaded, draft_model, jobs, *, max_batch=8, draft_tokens=3):
     """Every (prompt, SamplingConfig) submitted at once to an engine with a draft; (each one's ids, metrics)."""
     metrics = Metrics()
-    engine = Engine(loaded.model, max_batch=max_batch, draft=draft_model, draft_tokens=draft_tokens,
-                    metrics=metrics).start()  # fmt: skip
-    done: queue.Queue = queue.Queue()
-    reqs = []
-    try:
-        for i, (prompt, sampling) in enumerate(jobs):
-            emit = lambda e, i=i: ("finish_reason" in e or "error" in e) and done.put(e)  # noqa: E731
-            r = Request(loaded.encode(prompt), sampling, [], TextOut(loaded.tokenizer, []), emit)
-            reqs.append(r)
-            engine.submit(r)
-        events = [done.get(timeout=60) for _ in jobs]
-        assert all("finish_reason" in e for e in events), events
-        wait_idle(engine)
-    finally:
-        engine.stop(timeout=10)
-    return [r.generated for r in reqs], metrics
+    got = run_engine(loaded, jobs, max_batch=max_batch, draft=draft_model, draft_tokens=draft_tokens, metrics=metrics)
+    return got, metrics
 
 
 def counted(metrics: Metrics) -> tuple[float, float]:

@@ -40,24 +40,25 @@ def wait_idle(engine, tries: int = 100) -> None:
     assert engine.counts == (0, 0)
 
 
-def run_all(loaded, jobs, *, max_batch=8, queued=False):
-    """Submits every (prompt, SamplingConfig) at once; returns each one's generated ids. ``queued``: all are queued
-    before the engine starts, so its first step admits (and prefills together) as many as it has rows."""
-    engine = Engine(loaded.model, max_batch=max_batch, max_queue=64)
+def run_all(loaded, jobs, *, max_batch=8, queued=False, **engine_options):
+    """Submits every (prompt, SamplingConfig) at once; returns each one's generated ids (after asserting every one
+    finished, none failed). ``queued``: all are queued before the engine starts, so its first step admits (and
+    prefills together) as many as it has rows. ``engine_options``: the ``Engine``'s (a draft, metrics)."""
+    engine = Engine(loaded.model, max_batch=max_batch, max_queue=64, **engine_options)
     if not queued:
         engine.start()
     done: queue.Queue = queue.Queue()
     reqs = []
     try:
-        for i, (prompt, sampling) in enumerate(jobs):
-            emit = lambda e, i=i: "finish_reason" in e and done.put(i)  # noqa: E731
+        for prompt, sampling in jobs:
+            emit = lambda e: ("finish_reason" in e or "error" in e) and done.put(e)  # noqa: E731
             r = Request(loaded.encode(prompt), sampling, [], TextOut(loaded.tokenizer, []), emit)
             reqs.append(r)
             engine.submit(r)
         if queued:
             engine.start()
-        for _ in jobs:
-            done.get(timeout=60)
+        events = [done.get(timeout=60) for _ in jobs]
+        assert all("finish_reason" in e for e in events), events
         wait_idle(engine)
     finally:
         engine.stop(timeout=10)
@@ -65,10 +66,12 @@ def run_all(loaded, jobs, *, max_batch=8, queued=False):
 
 
 def alone(loaded, prompt, sampling):
+    """The tokens ``generate`` gives the prompt on its own (no stop token, like the engine's requests here): after
+    the prompt (decoders) or the decoder's start token (encoder-decoders)."""
     ids = torch.tensor([loaded.encode(prompt)])
     out = generate(loaded.model, ids, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                    top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed, eos_token_id=[])  # fmt: skip
-    return out[0, ids.size(1) :].tolist()
+    return out[0, 1 if loaded.model.is_encoder_decoder else ids.size(1) :].tolist()
 
 
 def test_concurrent_greedy_requests_equal_generate_alone(loaded):

@@ -15,12 +15,12 @@ import torch
 import transformers as T
 
 from finetune import inference
-from finetune.generation import EncoderDecoderStepper, SamplingConfig, generate
+from finetune.generation import EncoderDecoderStepper, SamplingConfig
 from finetune.nn import SlotKVCache
 from finetune.serving.engine import EncoderDecoderRunner, Engine, Request
 from finetune.serving.text import TextOut
 from tests.conftest import T5, make_tokenizer
-from tests.serving.test_engine import wait_idle
+from tests.serving.test_engine import alone, run_all, wait_idle
 from tests.serving.test_server import ROOT, Server, greedy
 
 SOURCES = [
@@ -54,32 +54,9 @@ def loaded(t5_dir):
     return inference.load(t5_dir)
 
 
-def alone(loaded, source, sampling):
-    """The tokens ``generate`` gives the source on its own (no stop token, like the engine's requests here)."""
-    ids = torch.tensor([loaded.encode(source)])
-    out = generate(loaded.model, ids, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                   top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed, eos_token_id=[])  # fmt: skip
-    return out[0, 1:].tolist()  # after the decoder start token
-
-
 def request(loaded, source, sampling, events):
     emit = lambda e: ("finish_reason" in e or "error" in e) and events.put(e)  # noqa: E731
     return Request(loaded.encode(source), sampling, [], TextOut(loaded.tokenizer, []), emit)
-
-
-def run_all(loaded, jobs, *, max_batch=8):
-    engine = Engine(loaded.model, max_batch=max_batch, max_queue=64).start()
-    events: queue.Queue = queue.Queue()
-    try:
-        reqs = [request(loaded, s, sampling, events) for s, sampling in jobs]
-        for r in reqs:
-            engine.submit(r)
-        finished = [events.get(timeout=60) for _ in jobs]
-        assert all("finish_reason" in e for e in finished), finished
-        wait_idle(engine)
-    finally:
-        engine.stop(timeout=10)
-    return [r.generated for r in reqs]
 
 
 # ------------------------------------------------------------------------------------------ the engine
