@@ -4,7 +4,8 @@ Each running request owns one row of a ``SlotKVCache`` (its own length and posit
 parameters and seeded generator. A new request is prefilled (alone exactly as ``generate`` runs a prompt; with the
 others admitted in the same step, as one right-padded batch), its keys and values copied into a free row, and from
 the next step on it decodes with the others. The ``Scheduler`` only decides (who waits, who runs, who leaves); the
-``Runner`` only runs the model; the ``Engine`` thread owns both.
+``Runner`` only runs the model; the ``Engine`` owns both, and its steps run on an ``EngineThread`` (one for every
+engine of a process).
 An encoder-decoder (T5) has an ``EncoderDecoderRunner`` of the same surface (``make_runner`` picks it): each source
 is encoded once, alone, when its request is admitted, and the decoders of all rows step together.
 """
@@ -138,13 +139,6 @@ class Runner:
         One prompt runs on its own, exactly as ``generate`` runs it. Several run as one batch, right-padded to the
         longest: causal attention keeps a real token from seeing the padding after it, so each row's keys, values
         and logits are its own (up to the batched matmuls' rounding), at one forward's cost instead of n."""
-        if len(prompts) == 1:
-            single = self.model.make_cache(1, len(prompts[0]))
-            x = torch.tensor(prompts, dtype=torch.long, device=self.device)  # (1, T)
-            logits = self.model(x, cache=single, logits_to_keep=1)[:, -1]  # (1, V)
-            for slots, c in zip(self.cache, single, strict=True):
-                slots.put(*c.get())
-            return logits
         lengths = [len(p) for p in prompts]
         T = max(lengths)
         batch = self.model.make_cache(len(prompts), T)
